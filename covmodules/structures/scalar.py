@@ -1,0 +1,43 @@
+"""Scalar multiple of the identity."""
+
+import torch
+
+from ..base import Structure
+from ..transforms import ExpPow2
+from ..validation import check_size
+
+
+class ScalarMatrix(Structure):
+    r"""Scaled identity :math:`\sigma^2 \mathbf{I}_n` (iid effects or residuals).
+
+    Parameter ``sigma^2 = exp(2 x)``, default ``x = 0`` (``sigma^2 = 1``).
+
+    Example::
+
+        >>> import torch
+        >>> from covmodules import ScalarMatrix
+        >>> ScalarMatrix(2)(torch.tensor([0.5]))
+        tensor([[2.7183, 0.0000],
+                [0.0000, 2.7183]])
+    """
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.n = check_size(n, "n")
+        self.add_param("sigma^2", 0.0, ExpPow2())
+
+    @property
+    def shape(self):
+        return (self.n, self.n)
+
+    def _evaluate(self, nat):
+        return nat[0] * torch.eye(self.n, dtype=nat.dtype, device=nat.device)
+
+    def _jacobian(self, nat):
+        return torch.eye(self.n, dtype=nat.dtype, device=nat.device)[None]
+
+    def _vjp(self, nat, G):
+        return torch.diagonal(G).sum()[None]
+
+    def _dv_matmul(self, nat, W, transpose=False):
+        return W[None]

@@ -1,0 +1,1 @@
+"""Lightning training, TensorBoard monitoring and the command line for covmodules."""
