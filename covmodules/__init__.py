@@ -1,11 +1,16 @@
 """covmodules: covariance structures for linear mixed models as PyTorch modules."""
 
 from .base import CovarianceFunction, CovarianceModule, ParamSpec, Structure
+from .fitting import fit
+from .model import MixedModel
 from .operators import *  # noqa: F401,F403
 from .operators import __all__ as _operators
 from .structures import *  # noqa: F401,F403
+from .reml import MLLoss, REML, REMLLoss, ml_loss, reml_loss
+from .results import FitResult
 from .structures import __all__ as _structures
 
 __version__ = "0.1.0"
 __all__ = ["CovarianceFunction", "CovarianceModule", "ParamSpec", "Structure",
+           "MixedModel", "fit", "FitResult", "REML", "REMLLoss", "MLLoss", "reml_loss", "ml_loss",
            *_structures, *_operators]

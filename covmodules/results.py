@@ -1,0 +1,174 @@
+"""The result of a fit: estimates, standard errors, BLUE, BLUPs, predictions and a summary."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .model import MixedModel
+from .reml import REML, LikelihoodState
+
+__all__ = ["FitResult"]
+
+
+@dataclass
+class FitResult:
+    """Estimates and diagnostics of a REML/ML fit (see :func:`covmodules.fit`).
+
+    The model's registered parameters are left at the estimates. Everything here is on the
+    CPU in float64: floats, NumPy arrays and pandas objects.
+    """
+
+    objective: REML
+    free: torch.Tensor
+    state: LikelihoodState
+    ai: torch.Tensor
+    converged: bool
+    iterations: int
+    optimizer: str
+    boundary: list[str] = field(default_factory=list)
+    history: list[dict] = field(default_factory=list)
+    solver: str = "dense"
+
+    # ---------------------------------------------------------------- likelihood
+    @property
+    def model(self):
+        return self.objective.model
+
+    @property
+    def method(self) -> str:
+        return self.objective.method.upper()
+
+    @property
+    def loglik(self) -> float:
+        """Log-likelihood on R's scale (REML or ML as fitted)."""
+        return -float(self.state.neg_loglik)
+
+    @property
+    def n(self) -> int:
+        return self.objective.n
+
+    @property
+    def num_params(self) -> int:
+        """Free covariance parameters plus fixed effects (lme4's degrees of freedom)."""
+        return self.model.num_free_params + self.objective.p
+
+    @property
+    def aic(self) -> float:
+        return -2 * self.loglik + 2 * self.num_params
+
+    @property
+    def bic(self) -> float:
+        return -2 * self.loglik + math.log(self.n) * self.num_params
+
+    # ---------------------------------------------------------- covariance params
+    @property
+    def params(self) -> dict[str, float]:
+        """Every covariance parameter by hierarchical name, on the natural scale."""
+        nat = self.model.build_params(self.free)
+        return dict(zip(self.model.param_names, nat.tolist()))
+
+    @property
+    def param_cov(self) -> np.ndarray:
+        """Covariance of the free-scale estimates: the inverse AI matrix (boundary rows NaN)."""
+        names = self.model.free_param_names
+        active = [i for i, n in enumerate(names) if n not in self.boundary]
+        cov = np.full((len(names), len(names)), np.nan)
+        if active:
+            sub = self.ai[active][:, active]
+            cov[np.ix_(active, active)] = torch.linalg.pinv(sub, hermitian=True).numpy()
+        return cov
+
+    @property
+    def std_errors(self) -> dict[str, float]:
+        """Standard errors of the free parameters on the natural scale (delta method)."""
+        d = self.model.trans_grad(self.free).abs().numpy()
+        se = d * np.sqrt(np.clip(np.diag(self.param_cov), 0, None))
+        return dict(zip(self.model.free_param_names, se.tolist()))
+
+    def param_table(self) -> pd.DataFrame:
+        """Free covariance parameters: estimate, standard error, boundary flag."""
+        se = self.std_errors
+        rows = [(name, self.params[name], se[name], name in self.boundary)
+                for name in self.model.free_param_names]
+        return pd.DataFrame(rows, columns=["name", "estimate", "std_error", "boundary"]
+                            ).set_index("name")
+
+    # -------------------------------------------------------------- fixed effects
+    @property
+    def fixed_effects(self) -> pd.DataFrame:
+        """GLS estimates with standard errors, z values and two-sided normal p-values."""
+        beta = self.state.beta.numpy()
+        se = np.sqrt(np.diag(self.state.cov_beta.numpy()))
+        z = beta / se
+        p = np.array([math.erfc(abs(v) / math.sqrt(2)) for v in z])
+        return pd.DataFrame({"estimate": beta, "std_error": se, "z": z, "p_value": p},
+                            index=pd.Index(self.objective.x_names, name="term"))
+
+    # -------------------------------------------------------- BLUPs, predictions
+    def blups(self) -> dict[str, pd.DataFrame]:
+        """BLUPs ``G Zᵀ P y`` of each random term, one row per level when levels are known."""
+        model = self.model
+        if not isinstance(model, MixedModel):
+            return {}
+        out = {}
+        with torch.no_grad():
+            for name in model.term_names:
+                Z = model.design(name).to(self.state.Py)
+                u = model._modules[name]().to(self.state.Py) @ (Z.T @ self.state.Py)
+                out[name] = _blup_frame(u.numpy(), model.levels.get(name),
+                                        model.terms.get(name))
+        return out
+
+    def fitted(self, conditional: bool = True) -> np.ndarray:
+        """``X b̂`` (marginal) or ``X b̂ + Σ Z û`` (conditional) for the fitted data."""
+        X = self.objective.X.to(self.state.beta)
+        out = X @ self.state.beta
+        model = self.model
+        if conditional and isinstance(model, MixedModel):
+            with torch.no_grad():
+                for name in model.term_names:
+                    Z = model.design(name).to(out)
+                    out = out + Z @ (model._modules[name]().to(out) @ (Z.T @ self.state.Py))
+        return out.numpy()
+
+    def residuals(self, conditional: bool = True) -> np.ndarray:
+        """``y`` minus :meth:`fitted`."""
+        return self.objective.y.to(torch.float64).numpy() - self.fitted(conditional)
+
+    # -------------------------------------------------------------------- report
+    def summary(self) -> str:
+        """A table a lme4 or statsmodels user reads at a glance."""
+        status = "converged" if self.converged else "NOT converged"
+        lines = [
+            f"Linear mixed model fit by {self.method} ({self.optimizer}, solver: {self.solver})",
+            f"  n = {self.n}, p = {self.objective.p}, covariance parameters = "
+            f"{self.model.num_free_params}; {status} in {self.iterations} iterations",
+            f"  logLik = {self.loglik:.4f}   AIC = {self.aic:.4f}   BIC = {self.bic:.4f}",
+        ]
+        if self.boundary:
+            lines.append(f"  singular fit: {', '.join(self.boundary)} at the boundary")
+        if self.objective.dropped:
+            lines.append(f"  dropped aliased fixed-effect columns: {self.objective.dropped}")
+        lines += ["", "Covariance parameters:", self.param_table().to_string(float_format=_fmt)]
+        lines += ["", "Fixed effects:", self.fixed_effects.to_string(float_format=_fmt)]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.6g}"
+
+
+def _blup_frame(u: np.ndarray, levels, terms) -> pd.DataFrame:
+    if levels is not None and len(levels) and u.size % len(levels) == 0:
+        k = u.size // len(levels)
+        columns = list(terms) if terms is not None and len(terms) == k else list(range(k))
+        return pd.DataFrame(u.reshape(len(levels), k), index=list(levels), columns=columns)
+    return pd.DataFrame({"blup": u})
