@@ -110,7 +110,7 @@ def _torch_fit(objective, free, method, max_iter, tol, lr, callback):
         opt.zero_grad()
         loss = objective.loss()
         loss.backward()
-        return loss
+        return loss.detach()
 
     history, previous, converged = [], math.inf, False
     for step in range(1, max_iter + 1):
