@@ -19,7 +19,7 @@ OPTIMIZERS = ("ai", "lbfgs", "adam", "sgd")
 
 def fit(model: CovarianceModule, y, X=None, *, x_names=None, method: str = "ai",
         reml: bool = True, start=None, max_iter: int | None = None, tol: float = 1e-10,
-        lr: float = 0.05, callback=None) -> FitResult:
+        lr: float = 0.05, solver=None, callback=None) -> FitResult:
     """Fit the covariance parameters of ``y = X b + e``, ``Var(y) = V`` by REML (or ML).
 
     Args:
@@ -34,6 +34,8 @@ def fit(model: CovarianceModule, y, X=None, *, x_names=None, method: str = "ai",
         tol: convergence tolerance (AI-REML: Newton decrement; torch optimisers: the change of
             the loss between iterations).
         lr: learning rate for Adam/SGD (LBFGS uses a strong-Wolfe line search).
+        solver: likelihood solver name or instance (default: chosen from the structure;
+            see :func:`covmodules.linalg.select_solver`); reported as ``result.solver``.
         callback: called with a dict per iteration (AI-REML) or per step (torch optimisers).
 
     Returns:
@@ -54,7 +56,8 @@ def fit(model: CovarianceModule, y, X=None, *, x_names=None, method: str = "ai",
     """
     if method not in OPTIMIZERS:
         raise ValueError(f"method must be one of {OPTIMIZERS}, got {method!r}")
-    objective = REML(model, y, X, x_names=x_names, method="reml" if reml else "ml")
+    objective = REML(model, y, X, x_names=x_names, method="reml" if reml else "ml",
+                     solver=solver)
     free = _start(objective, start)
     if method == "ai":
         run = AIREML(objective, max_iter=50 if max_iter is None else max_iter, tol=tol,

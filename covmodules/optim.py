@@ -33,7 +33,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .reml import REML, LikelihoodState, NotPositiveDefiniteError
+from .linalg import NotPositiveDefiniteError
+from .reml import REML
 from .transforms import Chain, Exp, ExpPow2, Sigmoid, Softplus, Transform
 
 __all__ = ["AIREML", "AIRun", "scale_start"]
@@ -44,7 +45,7 @@ class AIRun:
     """Outcome of an AI-REML run (free-scale estimates, diagnostics, history)."""
 
     free: torch.Tensor
-    state: LikelihoodState
+    state: object
     ai: torch.Tensor
     converged: bool
     iterations: int

@@ -10,7 +10,7 @@ import pandas as pd
 import torch
 
 from .model import MixedModel
-from .reml import REML, LikelihoodState
+from .reml import REML
 
 __all__ = ["FitResult"]
 
@@ -25,19 +25,23 @@ class FitResult:
 
     objective: REML
     free: torch.Tensor
-    state: LikelihoodState
+    state: object
     ai: torch.Tensor
     converged: bool
     iterations: int
     optimizer: str
     boundary: list[str] = field(default_factory=list)
     history: list[dict] = field(default_factory=list)
-    solver: str = "dense"
 
     # ---------------------------------------------------------------- likelihood
     @property
     def model(self):
         return self.objective.model
+
+    @property
+    def solver(self) -> str:
+        """Name of the solver that factorised ``V`` (``"dense"``, ``"kronecker"``, ...)."""
+        return self.objective.solver.name
 
     @property
     def method(self) -> str:
