@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 import torch
 
 from ..base import CovarianceModule, ParamSpec
 from ..structures.fixed import FixedMatrix
 
-__all__ = ["Operator", "stack_rows"]
+__all__ = ["Operator", "stack_rows", "consecutive_slices"]
 
 
 def _parse_operands(args, kwargs) -> list[tuple[str, object]]:
@@ -47,6 +45,7 @@ class Operator(CovarianceModule):
         for name, operand in operands:
             self._add_operand(name, operand)
         self._check_shapes([op.shape for op in self.operand_modules])
+        self._operand_sizes = [op.num_params for op in self.operand_modules]
 
     def _add_operand(self, name, operand) -> None:
         if not isinstance(name, str) or not name:
@@ -60,6 +59,10 @@ class Operator(CovarianceModule):
         elif not isinstance(operand, CovarianceModule):
             raise TypeError(f"operand {name!r} must be a CovarianceModule or a tensor, "
                             f"got {type(operand).__name__}")
+        owned = {id(t) for op in self.operand_modules for t in op._raw_tensors()}
+        if any(id(t) in owned for t in operand._raw_tensors()):
+            raise ValueError(f"operand {name!r} shares parameters with another operand; "
+                             "pass a separate module (e.g. copy.deepcopy) for each operand")
         self.add_module(name, operand)
         self._operand_names.append(name)
 
@@ -79,7 +82,7 @@ class Operator(CovarianceModule):
 
     @property
     def param_specs(self) -> list[ParamSpec]:
-        return [replace(s, name=f"{n}/{s.name}")
+        return [ParamSpec(f"{n}/{s.name}", s.default, s.transform, s.fixed)
                 for n, op in zip(self._operand_names, self.operand_modules)
                 for s in op.param_specs]
 
@@ -91,10 +94,22 @@ class Operator(CovarianceModule):
         self._modules[head]._set_fixed(rest, fixed)
 
     def _split(self, nat: torch.Tensor) -> list[torch.Tensor]:
-        return list(torch.split(nat, [op.num_params for op in self.operand_modules]))
+        return list(torch.split(nat, self._operand_sizes))
 
     def _operand_values(self, nat: torch.Tensor) -> list[torch.Tensor]:
         return [op._evaluate(part) for op, part in zip(self.operand_modules, self._split(nat))]
+
+    def _factors(self, nat: torch.Tensor):
+        """Operand values (cached per parameter vector) and parameter slices.
+
+        For operators whose operands are small next to ``V`` (Kronecker factors, ``Z`` and
+        ``G``): the backward pass reuses the forward's values instead of rebuilding them.
+        """
+        values = self.get_intermediates(nat)
+        if values is None:
+            values = self._operand_values(nat)
+            self.set_intermediates(nat, values)
+        return values, self._split(nat)
 
     # -------------------------------------------------------------------- public API
     def build_operands(self, free_params=None) -> dict[str, torch.Tensor]:
@@ -128,3 +143,12 @@ def stack_rows(blocks: list[torch.Tensor], row_slices: list[slice], rows: int) -
         k += b.shape[0]
     return out
 
+
+
+def consecutive_slices(sizes: list[int]) -> list[slice]:
+    """Back-to-back ranges of the given sizes: ``[2, 3] -> [slice(0, 2), slice(2, 5)]``."""
+    out, start = [], 0
+    for n in sizes:
+        out.append(slice(start, start + n))
+        start += n
+    return out

@@ -38,15 +38,6 @@ class KroneckerProduct(Operator):
         (m1, m2), (n1, n2) = (op.shape for op in self.operand_modules)
         return (m1 * n1, m2 * n2)
 
-    def _factors(self, nat):
-        """Operand values and parameter slices (values cached per parameter vector)."""
-        parts = self._split(nat)
-        values = self.get_intermediates(nat)
-        if values is None:
-            values = self._operand_values(nat)
-            self.set_intermediates(nat, values)
-        return values, parts
-
     def _evaluate(self, nat):
         (A, B), _ = self._factors(nat)
         return torch.kron(A, B)
