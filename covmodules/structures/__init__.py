@@ -1,8 +1,24 @@
 """Leaf covariance structures, one per file."""
 
 from .ar1 import AR1Matrix
+from .car1 import CAR1Matrix
+from .compound_symmetric import CompoundSymmetricMatrix
+from .design_matrix import DesignMatrix
+from .diagonal import DiagonalMatrix
+from .equal_entry import EqualEntryMatrix
+from .equicorrelation import EquicorrelationMatrix
+from .factor_analytic import FactorAnalyticMatrix
 from .fixed import FixedMatrix
 from .identity import IdentityMatrix
+from .known import KnownMatrix
+from .lower_triangular import LowerTriangularMatrix
 from .scalar import ScalarMatrix
+from .simple import SimpleMatrix
+from .toeplitz import ToeplitzMatrix
+from .unconstrained import UnconstrainedMatrix
 
-__all__ = ["AR1Matrix", "FixedMatrix", "IdentityMatrix", "ScalarMatrix"]
+__all__ = ["AR1Matrix", "CAR1Matrix", "CompoundSymmetricMatrix", "DesignMatrix",
+           "DiagonalMatrix", "EqualEntryMatrix", "EquicorrelationMatrix",
+           "FactorAnalyticMatrix", "FixedMatrix", "IdentityMatrix", "KnownMatrix",
+           "LowerTriangularMatrix", "ScalarMatrix", "SimpleMatrix", "ToeplitzMatrix",
+           "UnconstrainedMatrix"]

@@ -1,0 +1,104 @@
+r"""A covariance structure given by a user function of its natural-scale parameters.
+
+.. math:: \mathbf{V} = f(\boldsymbol{\theta}), \qquad
+          \theta_k = \tau_k(x_k) \ \text{(each parameter's constraint transform)}.
+
+Derivatives come from autograd on ``fn``: the vector-Jacobian product
+:math:`[\langle \mathbf{G}, \partial \mathbf{V} / \partial \theta_k \rangle]_k` by one
+reverse-mode pass, the Jacobian by differentiating that product :math:`\mathbf{J}^\top
+\mathbf{u}` with respect to the cotangent :math:`\mathbf{u}` (one pass per parameter, so
+``fn`` must be twice differentiable by autograd). Use it for quick experiments; a dedicated
+structure with closed-form derivatives is faster.
+"""
+
+from collections.abc import Mapping
+
+import torch
+
+from ..base import Structure
+from ..transforms import Transform
+from ..validation import check_size
+
+
+class SimpleMatrix(Structure):
+    r"""The matrix ``fn(theta)`` of shape ``shape`` for natural-scale parameters ``theta``.
+
+    ``params`` maps each name, in order, to ``(default free value, Transform)``; ``fn``
+    receives the 1-D tensor of natural-scale values in that order and must return a tensor of
+    shape ``shape`` (build constants in ``theta.dtype`` to keep float64 precision).
+
+    Example::
+
+        >>> import torch
+        >>> from covmodules import SimpleMatrix
+        >>> from covmodules.transforms import ExpPow2, Identity
+        >>> def fn(theta):                         # sigma^2 [[1, c], [c, 1 + c^2]]
+        ...     one = torch.ones((), dtype=theta.dtype)
+        ...     row0 = torch.stack([one, theta[1]])
+        ...     row1 = torch.stack([theta[1], 1 + theta[1] ** 2])
+        ...     return theta[0] * torch.stack([row0, row1])
+        >>> V = SimpleMatrix(fn, (2, 2), {"sigma^2": (0.0, ExpPow2()), "c": (0.0, Identity())})
+        >>> V.set_param("c", 2.0)
+        >>> V().detach()
+        tensor([[1., 2.],
+                [2., 5.]], dtype=torch.float64)
+    """
+
+    def __init__(self, fn, shape, params):
+        super().__init__()
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+        if not isinstance(shape, (tuple, list)) or len(shape) != 2:
+            raise ValueError(f"shape must be a (rows, cols) pair, got {shape!r}")
+        self._shape = (check_size(shape[0], "shape[0]"), check_size(shape[1], "shape[1]"))
+        if not isinstance(params, Mapping):
+            raise TypeError(f"params must be a dict of name -> (default, Transform), "
+                            f"got {type(params).__name__}")
+        self.fn = fn
+        for name, spec in params.items():
+            if not isinstance(name, str) or not name or "/" in name or "." in name:
+                raise ValueError(f"parameter names must be non-empty strings without '/' or "
+                                 f"'.', got {name!r}")
+            if hasattr(self, name):
+                raise ValueError(f"parameter name {name!r} is reserved")
+            if (not isinstance(spec, (tuple, list)) or len(spec) != 2
+                    or not isinstance(spec[1], Transform)):
+                raise TypeError(f"params[{name!r}] must be a (default, Transform) pair, "
+                                f"got {spec!r}")
+            self.add_param(name, float(spec[0]), spec[1])
+        self._evaluate(self.build_params())
+
+    @property
+    def shape(self):
+        return self._shape
+
+    def _evaluate(self, nat):
+        V = self.fn(nat)
+        if not isinstance(V, torch.Tensor):
+            raise TypeError(f"fn must return a torch.Tensor, got {type(V).__name__}")
+        if tuple(V.shape) != self._shape:
+            raise ValueError(f"fn returned shape {tuple(V.shape)}, expected {self._shape}")
+        return V.to(nat.dtype)
+
+    def _jacobian(self, nat):
+        J = nat.new_zeros(self.num_params, *self._shape)
+        with torch.enable_grad():
+            x = nat.detach().requires_grad_(True)
+            V = self._evaluate(x)
+            if not V.requires_grad:
+                return J
+            u = torch.zeros_like(V, requires_grad=True)
+            (g,) = torch.autograd.grad(V, x, u, create_graph=True, allow_unused=True)
+            for k in range(self.num_params if g is not None else 0):
+                if g[k].requires_grad:
+                    J[k] = torch.autograd.grad(g[k], u, retain_graph=True)[0]
+        return J
+
+    def _vjp(self, nat, G):
+        with torch.enable_grad():
+            x = nat.detach().requires_grad_(True)
+            V = self._evaluate(x)
+            if not V.requires_grad:
+                return torch.zeros_like(nat)
+            (g,) = torch.autograd.grad(V, x, G, allow_unused=True)
+        return torch.zeros_like(nat) if g is None else g
