@@ -196,4 +196,6 @@ def correlation(lower: float = -1.0) -> Chain:
 
     With ``lower = -1`` this is ``2 sigmoid(x) - 1`` (AR(1), the seed's default).
     """
+    if not -1.0 <= lower < 1.0:
+        raise ValueError(f"correlation needs a lower bound -1 <= lower < 1, got lower={lower}")
     return Chain(Sigmoid(), ScaleShift(1.0 - lower, lower))
