@@ -35,7 +35,8 @@ def hierarchical(name: str) -> str:
 
 
 def free_point(m, seed=0):
-    return torch.randn(m.num_free_params, dtype=DTYPE, generator=torch.Generator().manual_seed(seed))
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(m.num_free_params, dtype=DTYPE, generator=g)
 
 
 def set_free(m, values):

@@ -94,7 +94,8 @@ def test_parameter_free_structures(key):
     empty = torch.zeros(0, dtype=DTYPE)
     assert m._jacobian(empty).shape == (0, rows, cols)
     assert m.dV(torch.ones(cols, dtype=DTYPE)).shape == (0, rows)
-    assert m._dv_matmul(empty, torch.ones(rows, 2, dtype=DTYPE), transpose=True).shape == (0, cols, 2)
+    W = torch.ones(rows, 2, dtype=DTYPE)
+    assert m._dv_matmul(empty, W, transpose=True).shape == (0, cols, 2)
     assert m._vjp(empty, torch.ones(rows, cols, dtype=DTYPE)).shape == (0,)
     assert m().shape == (rows, cols)
 

@@ -14,7 +14,7 @@ import torch
 
 
 def tril_index(n: int, m: int) -> tuple[list[int], list[int]]:
-    """Rows and columns of the entries ``i >= j``, ``j < m`` of an ``n x m`` matrix, column-major."""
+    """Rows and columns of the entries ``i >= j``, ``j < m`` of ``n x m``, column-major."""
     pairs = [(i, j) for j in range(m) for i in range(j, n)]
     return [i for i, _ in pairs], [j for _, j in pairs]
 

@@ -14,7 +14,8 @@ import torch
 from ..base import Structure
 from ..transforms import ExpPow2
 from ..validation import check_size
-from .equicorrelation import equicorrelation, equicorrelation_transform, off_diagonal_matmul
+from .equicorrelation import (equicorrelation, equicorrelation_transform, off_diagonal_matmul,
+                              off_diagonal_ones)
 
 
 class CompoundSymmetricMatrix(Structure):
@@ -47,8 +48,7 @@ class CompoundSymmetricMatrix(Structure):
 
     def _jacobian(self, nat):
         R = equicorrelation(nat[1], self.n)
-        return torch.stack([R, nat[0] * (torch.ones_like(R) - torch.eye(
-            self.n, dtype=nat.dtype, device=nat.device))])
+        return torch.stack([R, nat[0] * off_diagonal_ones(R)])
 
     def _vjp(self, nat, G):
         R = equicorrelation(nat[1], self.n)

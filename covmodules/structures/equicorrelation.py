@@ -26,6 +26,11 @@ def equicorrelation(rho: torch.Tensor, n: int) -> torch.Tensor:
     return rho * torch.ones_like(eye) + (1 - rho) * eye
 
 
+def off_diagonal_ones(like: torch.Tensor) -> torch.Tensor:
+    """``J - I`` shaped, typed and placed like the square matrix ``like``."""
+    return torch.ones_like(like) - torch.eye(like.shape[0], dtype=like.dtype, device=like.device)
+
+
 def off_diagonal_matmul(W: torch.Tensor) -> torch.Tensor:
     """``(J - I) @ W``."""
     return W.sum(0, keepdim=True) - W
@@ -60,8 +65,7 @@ class EquicorrelationMatrix(Structure):
         return equicorrelation(nat[0], self.n)
 
     def _jacobian(self, nat):
-        eye = torch.eye(self.n, dtype=nat.dtype, device=nat.device)
-        return (torch.ones_like(eye) - eye)[None]
+        return off_diagonal_ones(nat.new_empty(self.n, self.n))[None]
 
     def _vjp(self, nat, G):
         return (G.sum() - torch.diagonal(G).sum())[None]

@@ -2,8 +2,9 @@ r"""Factor-analytic covariance: ``k`` common factors plus specific variances.
 
 .. math:: \mathbf{V} = \boldsymbol{\Lambda}\boldsymbol{\Lambda}^\top
           + \operatorname{diag}(\psi_0, \dots, \psi_{n-1}), \qquad
-          \frac{\partial \mathbf{V}}{\partial \lambda_{ab}} = \mathbf{e}_a \boldsymbol{\lambda}_b^\top
-          + \boldsymbol{\lambda}_b \mathbf{e}_a^\top, \qquad
+          \frac{\partial \mathbf{V}}{\partial \lambda_{ab}}
+          = \mathbf{e}_a \boldsymbol{\lambda}_b^\top + \boldsymbol{\lambda}_b \mathbf{e}_a^\top,
+          \qquad
           \frac{\partial \mathbf{V}}{\partial \psi_k} = \mathbf{e}_k \mathbf{e}_k^\top,
 
 with :math:`\boldsymbol{\Lambda}` ``n x k`` lower trapezoidal (:math:`\lambda_{ij} = 0` for

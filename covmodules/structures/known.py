@@ -30,7 +30,8 @@ class KnownMatrix(Structure):
 
     def __init__(self, K):
         super().__init__()
-        self.register_buffer("K", as_matrix(K, "K", positive_definite=True).to(torch.float64).clone())
+        K = as_matrix(K, "K", positive_definite=True)
+        self.register_buffer("K", K.to(torch.float64).clone())
         self.add_param("sigma^2", 0.0, ExpPow2())
 
     @property
