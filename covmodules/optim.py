@@ -7,7 +7,9 @@ Each iteration at free parameters ``θ``:
 - ``AI = ½ Uᵀ P U`` with ``U[:, k] = dV/dθ_k · P y`` needs only ``K`` structured products
   (``O(n³ + K n²)`` in all on the dense path; never a ``(K, n, n)`` tensor);
 - the step ``Δ = (AI + λ D)⁻¹ s`` (Levenberg–Marquardt damping ``λ`` only when ``AI`` is
-  not safely positive definite) is halved until ``-l`` decreases and ``V`` is positive definite.
+  not safely positive definite), clipped to ``max_step`` on the log / logit scale of variances
+  and correlations, is halved (twice at most, then the damping grows) until ``-l`` decreases
+  and ``V`` is positive definite.
 
 Variance parameters that run to zero (or correlations to ±1) are fixed at the boundary with a
 "singular fit" warning instead of stalling. Convergence is declared on the Newton decrement
@@ -75,9 +77,9 @@ class AIREML:
         objective: the REML (or ML) objective.
         max_iter: iteration limit; reaching it warns and reports ``converged=False``.
         tol: tolerance on the Newton decrement ``sᵀΔ`` (twice the predicted gain in ``l``).
-        max_halvings: step halvings tried before giving up on an iteration.
+        max_halvings: trial points (halvings, then growing damping) tried before giving up.
         max_step: largest change of a variance (log scale) or correlation (logit scale)
-            parameter in one iteration.
+            parameter in one iteration (larger steps are clipped).
         callback: called as ``callback(record)`` after each iteration with the history record.
     """
 
@@ -101,15 +103,18 @@ class AIREML:
             return None
         return state if bool(torch.isfinite(state.neg_loglik)) else None
 
-    def _direction(self, ai, score, active):
-        """Damped Newton direction on the active parameters."""
+    def _direction(self, ai, score, active, lam: float = 0.0):
+        """Newton direction ``(AI + λ diag(AI))⁻¹ s`` on the active parameters; ``λ`` grows
+        from the given value until the damped matrix is safely positive definite."""
         delta = torch.zeros_like(score)
         idx = active.nonzero()[:, 0]
         if idx.numel() == 0:
             return delta
         A, s = ai[idx][:, idx], score[idx]
-        scale = A.diagonal().abs().clamp(min=1e-12 * float(A.diagonal().abs().max()) + 1e-300)
-        lam = 0.0
+        # damping scale: AI's diagonal, floored so that a damped step stays near max_step even
+        # where AI is (near) singular, e.g. when P y is orthogonal to dV/dθ_k
+        scale = torch.maximum(A.diagonal().abs(), s.abs() / self.max_step)
+        scale = scale.clamp(min=1e-12 * float(scale.max()) + 1e-300)
         while True:
             L, info = torch.linalg.cholesky_ex(A + lam * torch.diag(scale))
             ok = int(info) == 0
@@ -119,18 +124,14 @@ class AIREML:
             if ok:
                 delta[idx] = torch.cholesky_solve(s[:, None], L)[:, 0]
                 return delta
-            lam = 1e-8 if lam == 0.0 else lam * 10.0
+            lam = max(lam * 10.0, 1e-8)
 
     def _at_boundary(self, k: int, x: float) -> bool:
         kind = self.kinds[k]
         if kind == "correlation":
             return abs(x) > 18.0
         if kind == "variance":
-            if x > 0:
-                return False
-            value = float(self.transforms[k].forward(torch.tensor(x, dtype=torch.float64)))
-            variance = value ** 2 if isinstance(self.transforms[k], Exp) else value
-            return variance < 1e-10 * self.data_variance
+            return self._implied_variance(k, x) < 1e-8 * self.data_variance
         return False
 
     def _fix_boundary(self, free, score, active, boundary) -> bool:
@@ -146,10 +147,64 @@ class AIREML:
                 changed = True
         return changed
 
+    def _probe_boundary(self, free, score, ai, active, boundary, state) -> bool:
+        """A small variance (below 1e-3 of the data variance) whose Newton step runs past
+        ``max_step`` towards zero is tried at the boundary and fixed there if that does not
+        lower the likelihood (log-scale steps alone approach zero only linearly)."""
+        delta = self._direction(ai, score, active)
+        for k in range(len(free)):
+            if not (active[k] and self.kinds[k] == "variance" and delta[k] < -self.max_step
+                    and self._implied_variance(k, float(free[k])) < 1e-3 * self.data_variance):
+                continue
+            probe = free.clone()
+            probe[k] = self._boundary_value(k, -1.0)
+            trial = self._state(probe)
+            if trial is not None and float(trial.neg_loglik) <= float(state.neg_loglik):
+                free[k], active[k] = probe[k], False
+                boundary.append(self.names[k])
+                return True
+        return False
+
+    def _settle_tiny_variances(self, free, active, boundary, state) -> bool:
+        """At convergence, a variance below 1e-6 of the data variance goes to the boundary when
+        that costs no likelihood (the log scale flattens before reaching zero)."""
+        for k in range(len(free)):
+            if not (active[k] and self.kinds[k] == "variance"
+                    and self._implied_variance(k, float(free[k])) < 1e-6 * self.data_variance):
+                continue
+            probe = free.clone()
+            probe[k] = self._boundary_value(k, -1.0)
+            trial = self._state(probe)
+            if trial is not None and float(trial.neg_loglik) <= float(state.neg_loglik) + 1e-9:
+                free[k], active[k] = probe[k], False
+                boundary.append(self.names[k])
+                return True
+        return False
+
+    def _release_boundary(self, free, score, active, boundary, released) -> bool:
+        """Free a boundary variance again (twice at most) when the likelihood increases away
+        from the boundary: its natural-scale score ``∂l/∂σ²`` is positive."""
+        for k in range(len(free)):
+            if active[k] or self.kinds[k] != "variance" or released[k] >= 2:
+                continue
+            slope = float(score[k] / self.transforms[k].derivative(free[k]))
+            if slope * self.data_variance > 1e-6 * len(self.objective.y):
+                target = 1e-2 * self.data_variance
+                target = math.sqrt(target) if isinstance(self.transforms[k], Exp) else target
+                free[k] = self.transforms[k].inverse(torch.tensor(target, dtype=torch.float64))
+                active[k], released[k] = True, released[k] + 1
+                boundary.remove(self.names[k])
+                return True
+        return False
+
+    def _implied_variance(self, k: int, x: float) -> float:
+        value = float(self.transforms[k].forward(torch.tensor(x, dtype=torch.float64)))
+        return value ** 2 if isinstance(self.transforms[k], Exp) else value
+
     def _boundary_value(self, k: int, direction: float) -> float:
         if self.kinds[k] == "correlation":
             return math.copysign(18.5, direction)
-        target = 1e-12 * self.data_variance
+        target = 1e-10 * self.data_variance
         t = self.transforms[k]
         target = math.sqrt(target) if isinstance(t, Exp) else target
         return float(t.inverse(torch.tensor(target, dtype=torch.float64)))
@@ -168,17 +223,27 @@ class AIREML:
                 " set other start values (e.g. larger variances, correlations nearer 0)")
         active = torch.ones(len(free), dtype=torch.bool)
         bounded = torch.tensor([k != "free" for k in self.kinds])
-        boundary, history, converged, it = [], [], False, 0
+        boundary, history, converged, it, damping = [], [], False, 0, 0.0
+        released = [0] * len(free)
         while True:
             score = -self.objective.gradient(free, state)
             ai = self.objective.average_information(free, state)
             if self._fix_boundary(free, score, active, boundary):
                 state = self._state(free) or state
                 continue
-            delta = self._direction(ai, score, active)
-            decrement = float(score @ delta)
+            probed = (self._release_boundary(free, score, active, boundary, released)
+                      or self._probe_boundary(free, score, ai, active, boundary, state))
+            if probed:
+                state = self._state(free) or state
+                continue
+            newton = self._direction(ai, score, active)
+            decrement = float(score @ newton)
+            delta = newton if damping == 0.0 else self._direction(ai, score, active, damping)
             score_norm = float(score[active].abs().max()) if bool(active.any()) else 0.0
             if decrement < self.tol or score_norm < 1e-8:
+                if self._settle_tiny_variances(free, active, boundary, state):
+                    state = self._state(free) or state
+                    continue
                 converged = True
                 break
             if it >= self.max_iter:
@@ -186,16 +251,21 @@ class AIREML:
                               f"(Newton decrement {decrement:.3g})", stacklevel=3)
                 break
             it += 1
-            largest = float(delta[bounded].abs().max()) if bool(bounded.any()) else 0.0
-            step = min(1.0, self.max_step / largest) if largest > 0 else 1.0
             halvings, trial = 0, None
             while halvings <= self.max_halvings:
-                candidate = free + step * delta
+                # up to two step halvings, then Levenberg-Marquardt damping grows instead
+                if halvings > 2:
+                    damping = max(10.0 * damping, 1e-4)
+                    delta = self._direction(ai, score, active, damping)
+                step = 0.5 ** min(halvings, 2)
+                clipped = torch.where(bounded, delta.clamp(-self.max_step, self.max_step), delta)
+                candidate = free + step * clipped
                 trial = self._state(candidate)
                 if trial is not None and float(trial.neg_loglik) <= float(state.neg_loglik) \
                         + 1e-12 * abs(float(state.neg_loglik)):
                     break
-                trial, step, halvings = None, step / 2, halvings + 1
+                trial, halvings = None, halvings + 1
+            damping = damping / 10.0 if damping > 1e-6 else 0.0
             if trial is None:
                 converged = decrement < 1e-6
                 if not converged:
@@ -212,7 +282,7 @@ class AIREML:
             if self.callback is not None:
                 self.callback(record)
             if change < 1e-12 * max(1.0, abs(float(state.neg_loglik))) and \
-                    float((step * delta).abs().max()) < 1e-9:
+                    float((step * clipped).abs().max()) < 1e-9:
                 converged = True
                 break
         if boundary:
