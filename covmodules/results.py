@@ -113,6 +113,26 @@ class FitResult:
         return pd.DataFrame({"estimate": beta, "std_error": se, "z": z, "p_value": p},
                             index=pd.Index(self.objective.x_names, name="term"))
 
+    def random_effects(self) -> pd.DataFrame:
+        """lme4's "Random effects" table: per term, the variance, standard deviation and
+        correlations of the effects of one level (the first ``len(terms)`` rows of ``G``)."""
+        model = self.model
+        if not isinstance(model, MixedModel):
+            return pd.DataFrame(columns=["group", "name", "variance", "std_dev"])
+        rows = []
+        with torch.no_grad():
+            for name in model.term_names:
+                terms = model.terms.get(name) or ["(Intercept)"]
+                G = model._modules[name]().to(torch.float64)[:len(terms), :len(terms)]
+                sd = G.diagonal().clamp(min=0).sqrt()
+                corr = G / torch.outer(sd, sd).clamp(min=1e-300)
+                for i, term in enumerate(terms):
+                    row = {"group": name, "name": term, "variance": float(G[i, i]),
+                           "std_dev": float(sd[i])}
+                    row.update({f"corr {terms[j]}": float(corr[i, j]) for j in range(i)})
+                    rows.append(row)
+        return pd.DataFrame(rows)
+
     # -------------------------------------------------------- BLUPs, predictions
     def blups(self) -> dict[str, pd.DataFrame]:
         """BLUPs ``G Zᵀ P y`` of each random term, one row per level when levels are known."""
@@ -158,6 +178,10 @@ class FitResult:
             lines.append(f"  singular fit: {', '.join(self.boundary)} at the boundary")
         if self.objective.dropped:
             lines.append(f"  dropped aliased fixed-effect columns: {self.objective.dropped}")
+        random = self.random_effects()
+        if len(random):
+            lines += ["", "Random effects:",
+                      random.to_string(index=False, float_format=_fmt, na_rep="")]
         lines += ["", "Covariance parameters:", self.param_table().to_string(float_format=_fmt)]
         lines += ["", "Fixed effects:", self.fixed_effects.to_string(float_format=_fmt)]
         return "\n".join(lines)

@@ -86,3 +86,12 @@ def test_lbfgs_reaches_the_same_optimum(model_id):
     assert abs(result.loglik - spec["logLik_REML"]) < 1e-6
     for key, (ours, ref) in r_comparable(model, spec).items():
         torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+
+
+def test_random_effects_table_matches_lme4_for_sleepstudy():
+    model, y, X, names, spec = build("a")
+    table = fit(model, y, X, x_names=names).random_effects()
+    ref = spec["random"][0]
+    assert list(table["name"]) == ["(Intercept)", "Days"]
+    assert table["variance"].tolist() == pytest.approx(ref["variances"], rel=1e-4)
+    assert table["corr (Intercept)"].iloc[1] == pytest.approx(ref["cor"][0][1], rel=1e-3)
