@@ -6,10 +6,14 @@ the ``T x T`` structure ``S``, e.g. a time point):
 .. math:: V_{ij} = S_{p_i p_j} [g_i = g_j],
 
 block diagonal after sorting the rows by group. With ``P`` the ``N x T`` one-hot matrix of
-positions and ``Same_ij = [g_i = g_j]``, ``V = (P S Pᵀ) ∘ Same``; the cotangent of ``S`` is
-``Pᵀ (Ḡ ∘ Same) P`` (a scatter-add over same-group pairs), and ``dV W`` scatters ``W`` into
-``H[g, p, :]``, applies ``dS`` along ``p`` for every group at once and gathers the rows back
-at ``(p_i, g_i)`` — nothing of size ``K x N x N`` is formed.
+positions and ``Same_ij = [g_i = g_j]``, ``V = (P S Pᵀ) ∘ Same`` and the cotangent of ``S`` is
+``Pᵀ (Ḡ ∘ Same) P``. Both touch only the within-group pairs: groups are padded into blocks
+``(groups, m)`` of row indices (one block per size class ``2^(k-1) < size <= 2^k``, so padding
+at most quadruples the ``sum_g size_g²`` pairs), ``V`` is scattered from ``S[p_a, p_b]`` and
+``Ḡ`` gathered from its diagonal blocks and scatter-added at ``(p_a, p_b)``. ``dV W``
+scatters ``W`` into ``H[g, p, :]``, applies ``dS`` along ``p`` for every group at once and
+gathers the rows back at ``(p_i, g_i)``. Nothing of size ``K x N x N`` (nor an ``N x N``
+mask) is formed.
 """
 
 import numpy as np
@@ -62,6 +66,31 @@ def check_positions(positions, n: int) -> np.ndarray:
     elif arr.dtype.kind not in "iu":
         raise TypeError(f"positions must be integers, got dtype {arr.dtype}")
     return arr.astype(np.int64)
+
+
+def size_class_blocks(codes: np.ndarray, positions: np.ndarray):
+    """Per size class: ``(rows, positions, valid)``, each ``(groups in class, max size)``.
+
+    Groups with ``2^(k-1) < size <= 2^k`` share class ``k``; rows are listed in data order
+    within each group and padded with row 0 at position 0 (``valid`` False).
+    """
+    order = np.argsort(codes, kind="stable")
+    sizes = np.bincount(codes)
+    slot = np.arange(len(codes)) - (np.cumsum(sizes) - sizes)[codes[order]]
+    size_class = np.ceil(np.log2(sizes)).astype(np.int64)
+    blocks = []
+    for k in np.unique(size_class):
+        members = np.flatnonzero(size_class == k)
+        index = np.full(len(sizes), -1)
+        index[members] = np.arange(len(members))
+        take = index[codes[order]] >= 0
+        m = int(sizes[members].max())
+        rows = np.zeros((len(members), m), dtype=np.int64)
+        rows[index[codes[order][take]], slot[take]] = order[take]
+        valid = np.zeros((len(members), m), dtype=bool)
+        valid[index[codes[order][take]], slot[take]] = True
+        blocks.append((rows, np.where(valid, positions[rows], 0), valid))
+    return blocks
 
 
 class Grouped(Operator):
@@ -119,6 +148,12 @@ class Grouped(Operator):
         self.num_groups = int(codes.max()) + 1
         self.register_buffer("group_codes", torch.from_numpy(codes), persistent=False)
         self.register_buffer("positions", torch.from_numpy(pos), persistent=False)
+        self._padded = []
+        for k, (rows, block_pos, valid) in enumerate(size_class_blocks(codes, pos)):
+            for part, value in (("rows", rows), ("pos", block_pos), ("valid", valid)):
+                self.register_buffer(f"_block{k}_{part}", torch.from_numpy(value),
+                                     persistent=False)
+            self._padded.append(not valid.all())
 
     def _check_shapes(self, shapes):
         (t1, t2), = shapes
@@ -130,23 +165,36 @@ class Grouped(Operator):
         n = self.group_codes.numel()
         return (n, n)
 
-    def _other_group(self):
-        g = self.group_codes
-        return g[:, None] != g[None, :]
+    def _blocks(self):
+        """``(rows, positions, pair mask or None)`` per size class, on the buffers' device."""
+        for k, padded in enumerate(self._padded):
+            rows, pos, valid = (getattr(self, f"_block{k}_{part}")
+                                for part in ("rows", "pos", "valid"))
+            yield rows, pos, (valid[:, :, None] & valid[:, None, :]) if padded else None
 
     def _evaluate(self, nat):
         S = self.operand_modules[0]._evaluate(nat)
-        V = S.index_select(0, self.positions).index_select(1, self.positions)
-        return V.masked_fill_(self._other_group(), 0)
+        n = self.shape[0]
+        V = S.new_zeros(n, n)
+        for rows, pos, pairs in self._blocks():
+            B = S[pos[:, :, None], pos[:, None, :]]
+            if pairs is not None:
+                B = B.masked_fill(~pairs, 0)
+            V.index_put_((rows[:, :, None], rows[:, None, :]), B, accumulate=pairs is not None)
+        return V
 
     def _vjp(self, nat, G):
         s = self.operand_modules[0]
         if not s.num_params:
             return nat.new_zeros(0)
-        T, p = s.shape[0], self.positions
-        same = G.masked_fill(self._other_group(), 0)
-        rows = G.new_zeros(T, G.shape[1]).index_add_(0, p, same)
-        return s._vjp(nat, G.new_zeros(T, T).index_add_(1, p, rows))
+        T = s.shape[0]
+        G_S = G.new_zeros(T * T)
+        for rows, pos, pairs in self._blocks():
+            B = G[rows[:, :, None], rows[:, None, :]]
+            if pairs is not None:
+                B.masked_fill_(~pairs, 0)
+            G_S.index_add_(0, (pos[:, :, None] * T + pos[:, None, :]).reshape(-1), B.reshape(-1))
+        return s._vjp(nat, G_S.reshape(T, T))
 
     def _dv_matmul(self, nat, W, transpose=False):
         s = self.operand_modules[0]

@@ -45,9 +45,11 @@ class KroneckerProduct(Operator):
     def _vjp(self, nat, G):
         (A, B), (na, nb) = self._factors(nat)
         a, b = self.operand_modules
-        G4 = G.reshape(A.shape[0], B.shape[0], A.shape[1], B.shape[1])
-        grad_a = torch.einsum("ijkl,jl->ik", G4, B)
-        grad_b = torch.einsum("ijkl,ik->jl", G4, A)
+        (m1, m2), (n1, n2) = A.shape, B.shape
+        G4 = G.reshape(m1, n1, m2, n2)
+        # batched (m2 x n2) @ (n2,) and (n2 x m2) @ (m2,) products: G4 is never copied
+        grad_a = torch.matmul(G4, B.reshape(1, n1, n2, 1)).sum((1, 3))
+        grad_b = torch.matmul(G4.transpose(2, 3), A.reshape(m1, 1, m2, 1)).sum((0, 3))
         return torch.cat([a._vjp(na, grad_a), b._vjp(nb, grad_b)])
 
     def _dv_matmul(self, nat, W, transpose=False):

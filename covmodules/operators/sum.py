@@ -32,10 +32,11 @@ class Sum(Operator):
                              f"{dict(zip(self._operand_names, shapes))}")
 
     def _evaluate(self, nat):
-        out = None
-        for op, part in zip(self.operand_modules, self._split(nat)):
-            value = op._evaluate(part)
-            out = value.clone() if out is None else out.add_(value)
+        # accumulate in place, dropping each term at once: at most two n x n live at a time
+        (first, *rest), (p0, *parts) = self.operand_modules, self._split(nat)
+        out = first._evaluate(p0).clone()
+        for op, part in zip(rest, parts):
+            out.add_(op._evaluate(part))
         return out
 
     def _vjp(self, nat, G):

@@ -31,7 +31,7 @@ class ScalarMatrix(Structure):
         return (self.n, self.n)
 
     def _evaluate(self, nat):
-        return nat[0] * torch.eye(self.n, dtype=nat.dtype, device=nat.device)
+        return torch.diag(nat[0].expand(self.n))
 
     def _jacobian(self, nat):
         return torch.eye(self.n, dtype=nat.dtype, device=nat.device)[None]
