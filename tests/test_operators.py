@@ -198,7 +198,7 @@ def test_grouped_nonsymmetric_and_unstructured_structures():
     groups = ["b", "a", "a", "c", "b", "a"]
     positions = [1, 2, 0, 0, 2, 1]
     ar, M = AR1Matrix(3), randn(3, 3)
-    V = Grouped(HadamardProduct(ar, M), groups, positions)   # positional (structure, groups, positions)
+    V = Grouped(HadamardProduct(ar, M), groups, positions)   # (structure, groups, positions)
     check_tree(V, lambda p: grouped_reference(ar(p) * M, groups, positions))
     us = UnconstrainedMatrix(3)
     V = Sum(res=Grouped(subject=us, groups=groups, positions=positions), e=ScalarMatrix(6))

@@ -27,6 +27,7 @@ class Operator(CovarianceModule):
     Operands are covariance modules or fixed tensors, given as keyword arguments
     (``time=AR1Matrix(3)``), as a single dict, or positionally (named ``"0"``, ``"1"``, ...).
     Parameter names are prefixed with the operand name: ``time/rho``, nesting to any depth.
+    Two operands may not share a parameter (the flat parameter vector would hold it twice).
     Subclasses set ``min_operands`` / ``max_operands`` and implement ``shape``,
     ``_check_shapes``, ``_evaluate``, ``_vjp`` and ``_dv_matmul``.
     """
@@ -142,7 +143,6 @@ def stack_rows(blocks: list[torch.Tensor], row_slices: list[slice], rows: int) -
         out[k:k + b.shape[0], s] = b
         k += b.shape[0]
     return out
-
 
 
 def consecutive_slices(sizes: list[int]) -> list[slice]:

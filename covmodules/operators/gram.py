@@ -6,19 +6,17 @@ For ``V = X Xᵀ``: ``dV = dX Xᵀ + X dXᵀ``, cotangent of ``X`` ``(Ḡ + Ḡ�
 transposed product equals the plain one.
 """
 
-import torch
-
 from .base import Operator
 
 FORMS = ("XXt", "XtX")
 
 
 class Gram(Operator):
-    r"""Gram matrix :math:`\mathbf{X X}^\top` (``form="XXt"``, default) or :math:`\mathbf{X}^\top\mathbf{X}` (``form="XtX"``).
+    r"""Gram matrix :math:`\mathbf{X X}^\top` (``form="XXt"``) or :math:`\mathbf{X}^\top\mathbf{X}`.
 
     One operand ``X`` (a module or a fixed tensor, any shape), given positionally or by
-    keyword; ``form`` is keyword-only. ``Gram(L)`` with ``L`` a loading matrix is a
-    low-rank (factor-analytic) covariance ``L Lᵀ``.
+    keyword; ``form`` (keyword-only) is ``"XXt"`` (default) or ``"XtX"``. ``Gram(L)`` with
+    ``L`` a loading matrix is a low-rank (factor-analytic) covariance ``L Lᵀ``.
 
     Example::
 

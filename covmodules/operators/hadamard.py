@@ -21,7 +21,7 @@ def _is_scalar(shape) -> bool:
 
 
 class HadamardProduct(Operator):
-    r"""Element-wise product :math:`\mathbf{V} = \mathbf{A} \circ \mathbf{B}` of exactly two operands.
+    r"""Element-wise product :math:`\mathbf{V} = \mathbf{A} \circ \mathbf{B}` of two operands.
 
     Operands are covariance modules or fixed tensors of equal shape; either may be a scalar
     (a 0-d or ``1 x 1`` tensor, or a ``1 x 1`` module such as ``ScalarMatrix(1)``) that
