@@ -1,26 +1,104 @@
-"""Likelihood solvers: dense Cholesky (the reference) and structured paths."""
+"""Likelihood solvers: dense Cholesky (the reference) and structured paths.
 
-from .base import NotPositiveDefiniteError, Solver
+| structure | solver | cost of one factorisation |
+|---|---|---|
+| any ``V`` | ``"dense"`` | ``n³/3`` |
+| ``A ⊗ B (+ σ² I)`` | ``"kronecker"`` | ``m³ + n³ + p mn(m + n)`` |
+
+:func:`select_solver` picks, among the solvers whose structure the model has, the one with
+the smallest cost estimate (dense when none applies); ``solver="name"`` overrides it.
+Before that, :func:`identify` fixes one scale of every Kronecker product whose factors both
+carry a free variance (only their product is identified).
+"""
+
+import warnings
+
+import torch
+
+from ..operators.kronecker import KroneckerProduct
+from .base import NotPositiveDefiniteError, Solver, UnsupportedStructure
 from .dense import DenseSolver
+from .kronecker import KroneckerSolver, complete_grid
 
-__all__ = ["NotPositiveDefiniteError", "Solver", "DenseSolver", "SOLVERS", "select_solver"]
+__all__ = ["NotPositiveDefiniteError", "UnsupportedStructure", "Solver", "DenseSolver",
+           "KroneckerSolver", "SOLVERS", "select_solver",
+           "identify", "complete_grid"]
 
-SOLVERS: dict[str, type[Solver]] = {"dense": DenseSolver}
+SOLVERS: dict[str, type[Solver]] = {"dense": DenseSolver, "kronecker": KroneckerSolver}
 
 
 def select_solver(model, solver=None) -> Solver:
     """The solver for ``model``: by name, a :class:`Solver` instance, or chosen automatically
-    (the first structured solver that supports the model, else dense)."""
+    (the cheapest solver whose structure the model has; dense when none applies).
+
+    Calls :func:`identify` first, so a fit never runs on a non-identified Kronecker scale.
+    """
+    identify(model)
     if isinstance(solver, Solver):
         return solver
     if solver is not None:
         if solver not in SOLVERS:
             raise ValueError(f"unknown solver {solver!r}; choose one of {list(SOLVERS)}")
-        cls = SOLVERS[solver]
-        if not cls.supports(model):
-            raise ValueError(f"solver {solver!r} does not apply to this model's structure")
-        return cls(model)
+        try:
+            return SOLVERS[solver](model)
+        except UnsupportedStructure as err:
+            raise ValueError(f"solver {solver!r} does not apply to this model's structure: "
+                             f"{err}") from None
+    candidates = [DenseSolver(model)]
     for cls in SOLVERS.values():
-        if cls is not DenseSolver and cls.supports(model):
-            return cls(model)
-    return DenseSolver(model)
+        if cls is not DenseSolver:
+            try:
+                candidates.append(cls(model))
+            except UnsupportedStructure:
+                pass
+    return min(candidates, key=lambda s: s.cost)
+
+
+def identify(model) -> list[str]:
+    """Fix one scale of each Kronecker product ``A ⊗ B`` whose factors both have one free.
+
+    ``c A ⊗ B / c = A ⊗ B``: when both factors have a free overall scale (a direction of
+    their free parameters along which the factor grows in proportion to itself) the REML
+    surface is flat along ``c`` and the AI matrix singular. The second factor's ``sigma^2``
+    is then fixed at its current value (the first factor's when the second has none), with a
+    warning; a ``ValueError`` is raised when neither factor has a ``sigma^2`` to fix. Returns
+    the names of the parameters fixed.
+    """
+    fixed = []
+    for path, module in model.named_modules():
+        if not isinstance(module, KroneckerProduct):
+            continue
+        operands = list(zip(module._operand_names, module.operand_modules))
+        if not all(_free_scale(op) for _, op in operands):
+            continue
+        where = path.replace(".", "/") or "model"
+        prefix = where + "/" if path else ""
+        for name, op in reversed(operands):
+            if "sigma^2" in op.free_param_names:
+                op.fix("sigma^2")
+                full = f"{prefix}{name}/sigma^2"
+                fixed.append(full)
+                warnings.warn(f"{full} fixed at {op.get_param('sigma^2'):.6g}: both factors of "
+                              f"the Kronecker product {where!r} have a free scale, "
+                              "and only their product is identified", stacklevel=4)
+                break
+        else:
+            raise ValueError(f"both factors of the Kronecker product {where!r} have "
+                             "a free scale and only their product is identified; fix one "
+                             "factor's scale (e.g. a diagonal element) before fitting")
+    return fixed
+
+
+def _free_scale(module) -> bool:
+    """Whether ``M`` lies in the span of ``∂M/∂θ_k`` over the free parameters (probed)."""
+    if module.num_free_params == 0:
+        return False
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(module.shape[1], 2, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        M = module().to(torch.float64)
+        J = module.dV(W.to(M.dtype)).reshape(module.num_free_params, -1).T
+        target = (M @ W).reshape(-1)
+        coef = torch.linalg.lstsq(J, target[:, None]).solution
+        residual = target - (J @ coef)[:, 0]
+    return float(residual.norm()) <= 1e-8 * float(target.norm())

@@ -1,22 +1,43 @@
-"""The solver interface: how the REML objective factorises ``V`` for one kind of structure.
+r"""The solver interface: how the REML objective factorises ``V`` for one kind of structure.
 
 A solver evaluates, for free parameters ``θ``, the loss ``-l`` (differentiable), a state with
 ``neg_loglik``, ``beta`` (GLS), ``cov_beta``, ``Py`` and ``project(U) = Uᵀ P U``, and the
 gradient of ``-l`` over the free parameters. The average-information matrix follows from the
 state and the module's structured ``dV`` products, the same for every solver.
+
+Structured solvers share the generalised least squares algebra through a :class:`Factor`:
+``log|V|`` and a linear "whitening" map ``F`` with an inner product ``⟨u, w⟩ = uᵀ J w``
+(``J`` a fixed ±1 signature, the identity except for Woodbury) such that
+
+.. math:: B^T V^{-1} C = \langle F B, F C \rangle, \qquad V^{-1} B = F^T J (F B).
+
+With ``X_w = F X``, ``y_w = F y``: ``A = ⟨X_w, X_w⟩ = XᵀV⁻¹X``, ``b̂ = A⁻¹⟨X_w, y_w⟩``,
+``r_w = y_w - X_w b̂``, ``rᵀV⁻¹r = ⟨r_w, r_w⟩``, ``P y = Fᵀ J r_w`` and
+``Uᵀ P U = ⟨F U, F U⟩ - ⟨X_w, F U⟩ᵀ A⁻¹ ⟨X_w, F U⟩`` (:func:`gls`). A structured solver
+supplies the factor and the contraction of the cotangent
+``∂(-l)/∂V = ½(P - Py (Py)ᵀ)`` with its structure (``V⁻¹`` in place of ``P`` for ML), so no
+``N x N`` matrix is formed anywhere.
 """
 
 from __future__ import annotations
 
 import abc
+import math
+from dataclasses import dataclass
 
 import torch
+from torch.autograd.function import once_differentiable
 
-__all__ = ["NotPositiveDefiniteError", "Solver"]
+__all__ = ["NotPositiveDefiniteError", "UnsupportedStructure", "Solver", "Factor", "GLSState",
+           "gls", "StructuredSolver", "additive_pieces"]
 
 
 class NotPositiveDefiniteError(ValueError):
     """``V`` (or ``XᵀV⁻¹X``) is not positive definite at the given parameters."""
+
+
+class UnsupportedStructure(ValueError):
+    """A structured solver does not apply to the model's structure (the message says why)."""
 
 
 class Solver(abc.ABC):
@@ -48,3 +69,193 @@ class Solver(abc.ABC):
         """``AI = ½ Uᵀ P U`` with ``U[:, k] = dV/dθ_k (P y)``: K structured products."""
         U = self.model.dV(state.Py, free)
         return 0.5 * state.project(U.T)
+
+    @property
+    def cost(self) -> float:
+        """Flop estimate of one factorisation (dispatch picks the cheapest solver)."""
+        n = self.model.shape[0]
+        return n ** 3 / 3
+
+
+class Factor(abc.ABC):
+    """``log|V|`` and a whitening map ``F`` with ``Fᵀ J F = V⁻¹`` (see the module docstring)."""
+
+    logdet: torch.Tensor
+
+    @abc.abstractmethod
+    def whiten(self, B: torch.Tensor) -> torch.Tensor:
+        """``F B`` for ``B`` of shape ``(n, k)``."""
+
+    @abc.abstractmethod
+    def unwhiten(self, W: torch.Tensor) -> torch.Tensor:
+        """``Fᵀ J W``: ``V⁻¹ B`` for ``W = F B``."""
+
+    def inner(self, U: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+        """``Uᵀ J W``."""
+        return U.T @ W
+
+
+@dataclass
+class GLSState:
+    """Factorisation and estimates at one parameter value (structured paths)."""
+
+    factor: Factor
+    Xw: torch.Tensor         # F X
+    LA: torch.Tensor         # Cholesky factor of A = XᵀV⁻¹X
+    beta: torch.Tensor       # GLS estimate
+    rw: torch.Tensor         # F (y - X b̂)
+    Py: torch.Tensor         # V⁻¹(y - X b̂) = P y
+    neg_loglik: torch.Tensor
+    method: str
+
+    def project(self, U: torch.Tensor) -> torch.Tensor:
+        """``Uᵀ P U`` for ``U`` of shape ``(n, k)`` (``Uᵀ V⁻¹ U`` for ML)."""
+        Uw = self.factor.whiten(U)
+        out = self.factor.inner(Uw, Uw)
+        if self.method == "reml":
+            C = torch.linalg.solve_triangular(self.LA, self.factor.inner(self.Xw, Uw),
+                                              upper=False)
+            out = out - C.T @ C
+        return out
+
+    @property
+    def cov_beta(self) -> torch.Tensor:
+        """``(XᵀV⁻¹X)⁻¹``."""
+        return torch.cholesky_inverse(self.LA)
+
+    def solve_x(self) -> torch.Tensor:
+        """``V⁻¹ X``."""
+        return self.factor.unwhiten(self.Xw)
+
+    def low_rank_x(self) -> torch.Tensor:
+        """``F X L_A⁻ᵀ``: the whitened ``W`` with ``W Wᵀ`` the REML term ``F X A⁻¹ Xᵀ Fᵀ``."""
+        return torch.linalg.solve_triangular(self.LA, self.Xw.T, upper=False).T
+
+
+def gls(factor: Factor, y: torch.Tensor, X: torch.Tensor, method: str) -> GLSState:
+    """GLS estimate and ``-l`` (R's scale) from a factorisation of ``V``."""
+    n, p = X.shape
+    Bw = factor.whiten(torch.cat([X, y[:, None]], 1))
+    Xw, yw = Bw[:, :p], Bw[:, p]
+    A = factor.inner(Xw, Xw)
+    LA, info = torch.linalg.cholesky_ex(0.5 * (A + A.T))
+    if int(info) != 0:
+        raise NotPositiveDefiniteError("XᵀV⁻¹X is not positive definite: X is rank deficient")
+    beta = torch.cholesky_solve(factor.inner(Xw, yw[:, None]), LA)[:, 0]
+    rw = yw - Xw @ beta
+    quad = factor.inner(rw[:, None], rw[:, None])[0, 0]
+    Py = factor.unwhiten(rw[:, None])[:, 0]
+    if method == "reml":
+        logdet_a = 2 * torch.log(LA.diagonal()).sum()
+        neg = 0.5 * (factor.logdet + logdet_a + quad) + 0.5 * (n - p) * math.log(2 * math.pi)
+    else:
+        neg = 0.5 * (factor.logdet + quad) + 0.5 * n * math.log(2 * math.pi)
+    return GLSState(factor, Xw, LA, beta, rw, Py, neg, method)
+
+
+class StructuredNegLogLik(torch.autograd.Function):
+    """``-l(θ, y, X)`` through a structured solver; backward in closed form.
+
+    The cotangents are ``∂(-l)/∂θ`` (the solver's :meth:`StructuredSolver.gradient`),
+    ``∂(-l)/∂y = P y`` and ``∂(-l)/∂X = -P y b̂ᵀ + V⁻¹X (XᵀV⁻¹X)⁻¹`` (REML; ML without the
+    second term).
+    """
+
+    @staticmethod
+    def forward(ctx, free, y, X, solver, method):
+        state = solver.state(free.detach(), y, X, method)
+        ctx.solver, ctx.state = solver, state
+        ctx.save_for_backward(free)
+        return state.neg_loglik.clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        (free,) = ctx.saved_tensors
+        s = ctx.state
+        g_free = gy = gX = None
+        if ctx.needs_input_grad[0]:
+            g_free = ctx.solver.gradient(free, s) * grad
+        if ctx.needs_input_grad[1]:
+            gy = grad * s.Py
+        if ctx.needs_input_grad[2]:
+            gX = -torch.outer(s.Py, s.beta)
+            if s.method == "reml":
+                gX += s.solve_x() @ s.cov_beta
+            gX *= grad
+        return g_free, gy, gX, None, None
+
+
+class StructuredSolver(Solver):
+    """A solver built on a :class:`Factor` and a closed-form contraction of the cotangent.
+
+    Subclasses implement :meth:`factorize` (``Factor`` at natural parameters) and
+    :meth:`natural_gradient` (``[⟨½(P - Py Pyᵀ), ∂V/∂θ_k⟩]_k`` over all parameters).
+    """
+
+    @classmethod
+    def supports(cls, model) -> bool:
+        try:
+            cls(model)
+        except UnsupportedStructure:
+            return False
+        return True
+
+    @abc.abstractmethod
+    def factorize(self, nat: torch.Tensor) -> Factor:
+        """The factorisation of ``V`` at natural-scale parameters ``nat`` (all, flat order)."""
+
+    @abc.abstractmethod
+    def natural_gradient(self, nat: torch.Tensor, state: GLSState) -> torch.Tensor:
+        """``∂(-l)/∂θ`` over all parameters on the natural scale."""
+
+    def loss(self, free_params, y, X, method):
+        model = self.model
+        if free_params is None:
+            free = model._registered_free()
+            if not bool(torch.isfinite(free.detach()).all()):
+                raise ValueError(f"{type(model).__name__}: parameters contain NaN or inf: "
+                                 f"{dict(zip(model.free_param_names, free.tolist()))}")
+        else:
+            free = model._check_free(free_params)
+        return StructuredNegLogLik.apply(free, y.to(free.dtype), X.to(free.dtype), self, method)
+
+    def state(self, free, y, X, method) -> GLSState:
+        with torch.no_grad():
+            nat = self.model.build_params(free)
+            return gls(self.factorize(nat), y.to(nat.dtype), X.to(nat.dtype), method)
+
+    def gradient(self, free, state: GLSState) -> torch.Tensor:
+        with torch.no_grad():
+            free = None if free is None else free.detach()
+            g = self.natural_gradient(self.model.build_params(free), state)
+            return g[self.model.free_param_index] * self.model.trans_grad(free)
+
+
+def additive_pieces(model) -> list[tuple[str | None, object, int]]:
+    """``V`` as a flat sum: ``[(term name or None, module, offset in the flat parameters)]``.
+
+    A :class:`~covmodules.model.MixedModel` gives one piece per random term (name, ``G``) and
+    the pieces of its residual; a :class:`~covmodules.operators.sum.Sum` the pieces of its
+    operands; anything else is one piece.
+    """
+    from ..model import MixedModel
+    from ..operators.sum import Sum
+
+    def leaves(module, offset):
+        if isinstance(module, Sum):
+            out = []
+            for op in module.operand_modules:
+                out += leaves(op, offset)
+                offset += op.num_params
+            return out
+        return [(None, module, offset)]
+
+    if isinstance(model, MixedModel):
+        out, offset = [], 0
+        for name in model.term_names:
+            G = model._modules[name]
+            out.append((name, G, offset))
+            offset += G.num_params
+        return out + leaves(model._modules["residual"], offset)
+    return leaves(model, 0)

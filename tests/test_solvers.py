@@ -1,0 +1,229 @@
+"""Structured solvers equal the dense reference path.
+
+Every quantity REML needs — log-likelihood, gradient (closed form and through autograd, also
+to y and X), AI matrix, BLUE and its covariance, P y, BLUPs — to 1e-8 relative in float64 on
+random models small enough for dense, plus R reference fits and solver dispatch.
+"""
+
+import json
+import warnings
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from covmodules import (AR1Matrix, CompoundSymmetricMatrix, IdentityMatrix, KroneckerProduct,
+                        MixedModel, ScalarMatrix, Sum, UnconstrainedMatrix, fit)
+from covmodules.design import fixed_design
+from covmodules.linalg import (SOLVERS, DenseSolver, KroneckerSolver, complete_grid, identify,
+                               select_solver)
+from covmodules.linalg.dense import NegLogLikFunction, cotangent_v, factorize
+from covmodules.reml import REML
+from covmodules.results import FitResult
+
+DTYPE = torch.float64
+RTOL = 1e-8
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def randn(*shape, g):
+    return torch.randn(*shape, generator=g, dtype=DTYPE)
+
+
+def assert_rel(ours, ref, what):
+    ours, ref = torch.as_tensor(ours, dtype=DTYPE), torch.as_tensor(ref, dtype=DTYPE)
+    err = float((ours - ref).abs().max()) if ref.numel() else 0.0
+    scale = float(ref.abs().max()) if ref.numel() else 1.0
+    assert err <= RTOL * max(scale, 1e-300), f"{what}: relative error {err / scale:.3g}"
+
+
+def loss_grads(solver, free, y, X, method):
+    f, yy, XX = (t.clone().requires_grad_(True) for t in (free, y, X))
+    loss = solver.loss(f, yy, XX, method)
+    return (loss.detach(), *torch.autograd.grad(loss, (f, yy, XX)))
+
+
+def check_equals_dense(model, y, X, name, free=None, method="reml"):
+    """Every solver quantity of solver ``name`` equals the dense path at ``free``."""
+    structured, dense = SOLVERS[name](model), DenseSolver(model)
+    if free is None:
+        free = 0.5 * randn(model.num_free_params, g=gen(7))
+    s, d = structured.state(free, y, X, method), dense.state(free, y, X, method)
+    nat = model.build_params(free)                            # fixed parameters included
+    assert_rel(structured.natural_gradient(nat, s), model._vjp(nat, cotangent_v(d)),
+               "natural-scale gradient")
+    assert_rel(s.neg_loglik, d.neg_loglik, "log-likelihood")
+    assert_rel(s.beta, d.beta, "BLUE")
+    assert_rel(s.cov_beta, d.cov_beta, "cov(BLUE)")
+    assert_rel(s.Py, d.Py, "P y")
+    assert_rel(structured.gradient(free, s), dense.gradient(free, d), "gradient")
+    assert_rel(structured.average_information(free, s), dense.average_information(free, d),
+               "AI matrix")
+    for a, b, what in zip(loss_grads(structured, free, y, X, method),
+                          loss_grads(dense, free, y, X, method),
+                          ["loss", "d loss/d free", "d loss/d y", "d loss/d X"]):
+        assert_rel(a, b, what)
+    if isinstance(model, MixedModel):
+        blups = [FitResult(REML(model, y, X, method=method, solver=sol), free, st, None,
+                           True, 0, "ai").blups()
+                 for sol, st in ((structured, s), (dense, d))]
+        for term in model.term_names:
+            assert_rel(torch.tensor(blups[0][term].to_numpy()),
+                       torch.tensor(blups[1][term].to_numpy()), f"BLUP of {term}")
+
+
+def identified(model):
+    """``model`` with one Kronecker scale fixed where both were free (see ``identify``)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        identify(model)
+    return model
+
+
+def data(n, p=3, seed=0):
+    g = gen(seed)
+    return randn(n, g=g), torch.cat([torch.ones(n, 1, dtype=DTYPE), randn(n, p - 1, g=g)], 1)
+
+
+# ------------------------------------------------------------------------------ Kronecker
+KRONECKER_MODELS = {
+    "ar1 x ar1 + nugget": lambda: Sum(field=KroneckerProduct(row=AR1Matrix(5), col=AR1Matrix(4)),
+                                      nugget=ScalarMatrix(20)),
+    "nugget + cs x identity": lambda: Sum(nugget=ScalarMatrix(20), field=KroneckerProduct(
+        row=CompoundSymmetricMatrix(5), col=IdentityMatrix(4))),
+    "identity x cs": lambda: KroneckerProduct(IdentityMatrix(5), CompoundSymmetricMatrix(4)),
+    "unstructured x ar1": lambda: KroneckerProduct(UnconstrainedMatrix(5), AR1Matrix(4)),
+    "ar1 x cs + identity": lambda: Sum(KroneckerProduct(AR1Matrix(5), CompoundSymmetricMatrix(4)),
+                                       IdentityMatrix(20)),
+    "mixed model residual": lambda: MixedModel(residual=Sum(
+        field=KroneckerProduct(row=AR1Matrix(5), col=AR1Matrix(4)), nugget=ScalarMatrix(20))),
+}
+
+
+@pytest.mark.parametrize("method", ["reml", "ml"])
+@pytest.mark.parametrize("key", list(KRONECKER_MODELS))
+def test_kronecker_equals_dense(key, method):
+    model = identified(KRONECKER_MODELS[key]())
+    y, X = data(20)
+    check_equals_dense(model, y, X, "kronecker", method=method)
+
+
+@pytest.mark.parametrize("key", ["ar1 x ar1 + nugget", "identity x cs"])
+def test_kronecker_at_default_point_with_repeated_eigenvalues(key):
+    model = identified(KRONECKER_MODELS[key]())   # rho = 0: A = I, all eigenvalues repeated
+    y, X = data(20)
+    check_equals_dense(model, y, X, "kronecker", free=model.free_param_defaults)
+
+
+def test_kronecker_missing_plots_equal_dense_on_observed_plots():
+    g = gen(3)
+    m, n = 6, 5
+    model = identified(Sum(field=KroneckerProduct(row=AR1Matrix(m),
+                                                  col=CompoundSymmetricMatrix(n)),
+                           nugget=ScalarMatrix(m * n)))
+    cells = torch.randperm(m * n, generator=g)[:m * n - 4]        # 4 missing, shuffled rows
+    y_obs, X_obs = data(len(cells), p=3, seed=4)
+    grid = complete_grid((cells // n + 1).numpy(), (cells % n + 1).numpy(), y_obs, X_obs,
+                         ["a", "b", "c"], shape=(m, n))
+    assert torch.equal(grid.cells, cells) and len(grid.missing) == 4
+    assert grid.x_names[:3] == ["a", "b", "c"] and grid.x_names[3].startswith("missing[")
+    free = 0.5 * randn(model.num_free_params, g=g)
+    solver = KroneckerSolver(model)
+    state = solver.state(free, grid.y, grid.X, "reml")
+    # dense reference on the observed plots only: V_oo
+    f = free.clone().requires_grad_(True)
+    V = model(f)[cells][:, cells]
+    loss = NegLogLikFunction.apply(V, y_obs, X_obs, "reml")
+    (grad,) = torch.autograd.grad(loss, f)
+    ref = factorize(V.detach(), y_obs, X_obs, "reml")
+    assert_rel(state.neg_loglik, ref.neg_loglik, "log-likelihood")
+    assert_rel(solver.gradient(free, state), grad, "gradient")
+    assert_rel(state.beta[:3], ref.beta, "BLUE")
+    assert_rel(state.cov_beta[:3, :3], ref.cov_beta, "cov(BLUE)")
+    assert_rel(state.Py[cells], ref.Py, "P y")
+    assert float(state.Py[grid.missing].abs().max()) < 1e-12
+    J = model.manual_grad(free)[0][:, cells][:, :, cells]
+    ai_ref = 0.5 * ref.project((J @ ref.Py).T)
+    assert_rel(solver.average_information(free, state), ai_ref, "AI matrix")
+
+
+def test_complete_grid_orders_rows_and_checks_cells():
+    grid = complete_grid([2, 1, 1], [1, 2, 1], torch.tensor([3.0, 2.0, 1.0], dtype=DTYPE))
+    assert grid.y.tolist() == [1.0, 2.0, 3.0, 0.0]
+    assert grid.x_names == ["(Intercept)", "missing[2,2]"] and grid.shape == (2, 2)
+    with pytest.raises(ValueError, match="share a grid cell"):
+        complete_grid([1, 1], [1, 1], torch.zeros(2, dtype=DTYPE))
+
+
+def field_trial():
+    ref = json.loads((ROOT / "tests/data/scale_reference_iv_a.json").read_text())
+    df = pd.read_csv(ROOT / "data/sim_field_40x40.csv")
+    for col, levels in ref["levels"].items():
+        df[col] = pd.Categorical(df[col], categories=levels)
+    design = fixed_design(df, ["block", "genotype"])
+    grid = complete_grid(df["row"].to_numpy(), df["col"].to_numpy(),
+                         torch.tensor(df["y"].to_numpy(), dtype=DTYPE), design.matrix,
+                         design.names)
+    return grid, ref
+
+
+def test_field_trial_kronecker_fit_matches_nlme():
+    grid, ref = field_trial()
+    model = Sum(field=KroneckerProduct(row=AR1Matrix(40), col=AR1Matrix(40)),
+                nugget=ScalarMatrix(1600))
+    with pytest.warns(UserWarning, match="field/col/sigma\\^2 fixed at 1"):
+        result = fit(model, grid.y, grid.X, x_names=grid.x_names)
+    assert result.solver == "kronecker" and result.converged and result.iterations <= 20
+    assert abs(result.loglik - ref["logLik_REML"]) < 1e-6
+    p, res = result.params, ref["residual"]
+    total = p["field/row/sigma^2"] + p["nugget/sigma^2"]
+    ours = {"sigma2": total, "rho_row": p["field/row/rho"], "rho_col": p["field/col/rho"],
+            "nugget": p["nugget/sigma^2"] / total}
+    for key, value in ours.items():
+        assert value == pytest.approx(res[key], rel=1e-4), key
+    fe = result.fixed_effects["estimate"]
+    for name, value in ref["fixed_effects"].items():
+        assert fe[name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
+
+
+# ------------------------------------------------------------------------------- dispatch
+def test_dispatch_kronecker_and_dense():
+    field = Sum(field=KroneckerProduct(row=AR1Matrix(8), col=AR1Matrix(6)), nugget=ScalarMatrix(48))
+    with pytest.warns(UserWarning):
+        assert select_solver(field).name == "kronecker"
+    tiny = KroneckerProduct(AR1Matrix(2), IdentityMatrix(2))
+    assert select_solver(tiny).name == "dense"                 # cheaper than two eigh's
+    assert select_solver(tiny, "kronecker").name == "kronecker"
+    assert select_solver(AR1Matrix(12)).name == "dense"
+    assert isinstance(select_solver(field, "dense"), DenseSolver)
+    with pytest.raises(ValueError, match="does not apply"):
+        select_solver(AR1Matrix(12), "kronecker")
+    with pytest.raises(ValueError, match="unknown solver"):
+        select_solver(field, "sparse")
+
+
+# -------------------------------------------------------------------------- identifiability
+def test_identify_fixes_the_second_factor_scale():
+    model = Sum(field=KroneckerProduct(row=AR1Matrix(4), col=AR1Matrix(3)), nugget=ScalarMatrix(12))
+    with pytest.warns(UserWarning, match="field/col/sigma\\^2 fixed"):
+        assert identify(model) == ["field/col/sigma^2"]
+    assert "field/col/sigma^2" in model.fixed_param_names
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert identify(model) == []                    # now identified
+
+
+def test_identify_falls_back_to_the_first_factor_or_refuses():
+    model = KroneckerProduct(AR1Matrix(3), UnconstrainedMatrix(2))
+    with pytest.warns(UserWarning):
+        assert identify(model) == ["0/sigma^2"]
+    with pytest.raises(ValueError, match="only their product is identified"):
+        identify(KroneckerProduct(UnconstrainedMatrix(2), UnconstrainedMatrix(2)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert identify(KroneckerProduct(IdentityMatrix(3), UnconstrainedMatrix(2))) == []
