@@ -4,6 +4,7 @@
 |---|---|---|
 | any ``V`` | ``"dense"`` | ``n³/3`` |
 | ``A ⊗ B (+ σ² I)`` | ``"kronecker"`` | ``m³ + n³ + p mn(m + n)`` |
+| ``Σ Z_i G_i Z_iᵀ + R``, ``R`` diagonal | ``"woodbury"`` | ``n q² + q³`` |
 
 :func:`select_solver` picks, among the solvers whose structure the model has, the one with
 the smallest cost estimate (dense when none applies); ``solver="name"`` overrides it.
@@ -19,12 +20,14 @@ from ..operators.kronecker import KroneckerProduct
 from .base import NotPositiveDefiniteError, Solver, UnsupportedStructure
 from .dense import DenseSolver
 from .kronecker import KroneckerSolver, complete_grid
+from .woodbury import WoodburySolver
 
 __all__ = ["NotPositiveDefiniteError", "UnsupportedStructure", "Solver", "DenseSolver",
-           "KroneckerSolver", "SOLVERS", "select_solver",
+           "KroneckerSolver", "WoodburySolver", "SOLVERS", "select_solver",
            "identify", "complete_grid"]
 
-SOLVERS: dict[str, type[Solver]] = {"dense": DenseSolver, "kronecker": KroneckerSolver}
+SOLVERS: dict[str, type[Solver]] = {"dense": DenseSolver, "kronecker": KroneckerSolver,
+                                    "woodbury": WoodburySolver}
 
 
 def select_solver(model, solver=None) -> Solver:
