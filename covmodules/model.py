@@ -45,16 +45,19 @@ class MixedModel(Operator):
             raise ValueError("residual is required: a covariance module such as ScalarMatrix(n)")
         if "residual" in random:
             raise ValueError("'residual' is reserved for the residual term; rename the random term")
-        covariances, designs, levels, terms = {}, {}, {}, {}
+        covariances, designs, levels, terms, grouped = {}, {}, {}, {}, {}
         for name, term in random.items():
             if not (isinstance(term, tuple) and len(term) == 2):
                 raise TypeError(f"random[{name!r}] must be a tuple (Z, G)")
             Z, G = term
             levels[name], terms[name] = getattr(Z, "levels", None), getattr(Z, "terms", None)
+            if hasattr(Z, "group_codes") and hasattr(Z, "term_matrix"):
+                grouped[name] = (Z.group_codes, Z.term_matrix)
             designs[name], covariances[name] = _design_module(name, getattr(Z, "Z", Z)), G
         super().__init__({**covariances, "residual": residual})
         self.designs = nn.ModuleDict(designs)
         self.levels, self.terms = levels, terms
+        self._term_rows = grouped
         n = self.shape[0]
         for name, Z in self.designs.items():
             rows, cols = Z.shape
@@ -83,6 +86,34 @@ class MixedModel(Operator):
         """The dense ``Z`` of random term ``name``."""
         Z = self.designs[name]
         return Z._evaluate(Z.build_params())
+
+    def term_groups(self, name: str, k: int):
+        """``(level, values)`` when ``Z`` of term ``name`` has one block of ``k`` columns per level.
+
+        Row ``i`` of ``Z`` is ``values[i]`` in the columns ``level[i] k, ..., level[i] k + k-1``
+        and zero elsewhere (``level[i] = -1`` for a row of zeros); ``None`` when ``Z`` has
+        another pattern. No dense ``Z`` is formed for a ``DesignMatrix`` or a design from
+        :func:`covmodules.design.random_design`.
+        """
+        module = self.designs[name]
+        n, q = module.shape
+        if q % k:
+            return None
+        if name in self._term_rows:
+            codes, values = self._term_rows[name]
+            if values.shape[1] == k:
+                return codes.long(), values
+        codes = getattr(module, "codes", None)
+        if k == 1 and isinstance(codes, torch.Tensor) and codes.shape == (n,):
+            return codes, torch.ones(n, 1, dtype=module._dtype())
+        Z = self.design(name).reshape(n, q // k, k)
+        nonzero = (Z != 0).any(2)
+        count = nonzero.sum(1)
+        if bool((count > 1).any()):
+            return None
+        level = torch.where(count == 1, nonzero.to(torch.int8).argmax(1), -1)
+        values = Z[torch.arange(n), level.clamp(min=0)] * (count == 1)[:, None]
+        return level, values
 
     def _designs(self, dtype):
         return [self.design(name).to(dtype) for name in self.term_names]

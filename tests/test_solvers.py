@@ -1,4 +1,4 @@
-"""Structured solvers (Kronecker, Woodbury) equal the dense reference path.
+"""Structured solvers (Kronecker, grouped, Woodbury) equal the dense reference path.
 
 Every quantity REML needs — log-likelihood, gradient (closed form and through autograd, also
 to y and X), AI matrix, BLUE and its covariance, P y, BLUPs — to 1e-8 relative in float64 on
@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from covmodules import (AR1Matrix, CompoundSymmetricMatrix, DesignMatrix, DiagonalMatrix,
-                        EqualEntryMatrix, IdentityMatrix, KroneckerProduct, MixedModel,
-                        ScalarMatrix, Sum, UnconstrainedMatrix, fit)
+                        EqualEntryMatrix, Grouped, IdentityMatrix, KroneckerProduct,
+                        MixedModel, ScalarMatrix, Sum, UnconstrainedMatrix, fit)
 from covmodules.design import fixed_design, positions_within_group
-from covmodules.linalg import (SOLVERS, DenseSolver, KroneckerSolver, complete_grid, identify,
-                               select_solver)
+from covmodules.linalg import (SOLVERS, DenseSolver, GroupedSolver, KroneckerSolver,
+                               WoodburySolver, complete_grid, identify, select_solver)
 from covmodules.linalg.dense import NegLogLikFunction, cotangent_v, factorize
 from covmodules.reml import REML
 from covmodules.results import FitResult
@@ -194,7 +194,7 @@ def test_field_trial_kronecker_fit_matches_nlme():
         assert fe[name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
 
 
-# ------------------------------------------------------------------------------ shared data
+# -------------------------------------------------------------------------------- grouped
 def grouped_data(sizes=(3, 5, 3, 4, 5, 2, 3), seed=0):
     """Shuffled rows of unequal groups: codes, positions, a covariate and (y, X)."""
     g = gen(seed)
@@ -210,6 +210,54 @@ def slope_design(codes, t):
     Z[torch.arange(n), 2 * codes] = 1
     Z[torch.arange(n), 2 * codes + 1] = t
     return Z
+
+
+def grouped_models():
+    codes, pos, t, _, _ = grouped_data()
+    n, L = len(codes), int(codes.max()) + 1
+    one_hot = torch.nn.functional.one_hot(codes, L).to(DTYPE)
+    slope = slope_design(codes, t)
+    t_zero = torch.where(pos == 0, 0.0, t)                     # some rows of Z all zero
+    return {
+        "intercept + slope, iid": lambda: MixedModel(
+            random={"s": (slope, KroneckerProduct(IdentityMatrix(L), UnconstrainedMatrix(2)))},
+            residual=ScalarMatrix(n)),
+        "intercept, grouped ar1": lambda: MixedModel(
+            random={"s": (DesignMatrix(codes), ScalarMatrix(L))},
+            residual=Grouped(AR1Matrix(6), groups=codes, positions=pos + (pos > 1))),
+        "grouped cs": lambda: Grouped(CompoundSymmetricMatrix(5), groups=codes, positions=pos),
+        "two terms, diagonal": lambda: MixedModel(
+            random={"a": (one_hot, ScalarMatrix(L)), "b": (one_hot * t_zero[:, None],
+                                                           ScalarMatrix(L))},
+            residual=DiagonalMatrix(n)),
+        "nested residual groups": lambda: MixedModel(
+            random={"s": (one_hot, ScalarMatrix(L))},
+            residual=Grouped(AR1Matrix(3), groups=2 * codes + pos % 2, positions=pos // 2)),
+        "grouped ar1 + nugget": lambda: Sum(Grouped(AR1Matrix(5), groups=codes, positions=pos),
+                                            ScalarMatrix(n)),
+    }
+
+
+@pytest.mark.parametrize("method", ["reml", "ml"])
+@pytest.mark.parametrize("key", list(grouped_models()))
+def test_grouped_equals_dense(key, method):
+    _, _, _, y, X = grouped_data()
+    model = grouped_models()[key]()
+    check_equals_dense(model, y, X, "grouped", method=method)
+
+
+def test_grouped_recognises_block_structure_from_z():
+    codes, _, t, _, _ = grouped_data()
+    n, L = len(codes), int(codes.max()) + 1
+    other = torch.nn.functional.one_hot((codes + torch.arange(n)) % 3, 3).to(DTYPE)
+    crossed = MixedModel(random={"s": (slope_design(codes, t), KroneckerProduct(
+        IdentityMatrix(L), UnconstrainedMatrix(2))), "c": (other, ScalarMatrix(3))},
+        residual=ScalarMatrix(n))
+    assert not GroupedSolver.supports(crossed)
+    ar1_across = MixedModel(random={"s": (DesignMatrix(codes), AR1Matrix(L))},
+                            residual=ScalarMatrix(n))
+    assert not GroupedSolver.supports(ar1_across)
+    assert GroupedSolver.supports(grouped_models()["intercept + slope, iid"]())
 
 
 # ------------------------------------------------------------------------------- Woodbury
@@ -258,6 +306,14 @@ def test_woodbury_fit_matches_lme4():
 
 
 # ------------------------------------------------------------------------------- dispatch
+@pytest.mark.parametrize("model_id, expected", [
+    ("a", "grouped"), ("b", "grouped"), ("c", "grouped"), ("d", "woodbury"),
+    ("f1", "grouped"), ("f2", "grouped"), ("g1", "grouped"), ("g2", "grouped")])
+def test_dispatch_on_oracle_models(model_id, expected):
+    model, y, X, _, _ = build(model_id)
+    assert select_solver(model).name == expected
+
+
 def test_dispatch_kronecker_and_dense():
     field = Sum(field=KroneckerProduct(row=AR1Matrix(8), col=AR1Matrix(6)), nugget=ScalarMatrix(48))
     with pytest.warns(UserWarning):
@@ -271,6 +327,16 @@ def test_dispatch_kronecker_and_dense():
         select_solver(AR1Matrix(12), "kronecker")
     with pytest.raises(ValueError, match="unknown solver"):
         select_solver(field, "sparse")
+
+
+def test_dense_override_gives_the_same_fit():
+    model, y, X, names, spec = build("f2")
+    structured = fit(model, y, X, x_names=names)
+    model, y, X, names, spec = build("f2")
+    dense = fit(model, y, X, x_names=names, solver="dense")
+    assert (structured.solver, dense.solver) == ("grouped", "dense")
+    assert structured.loglik == pytest.approx(dense.loglik, rel=1e-10)
+    assert "solver: grouped" in structured.summary()
 
 
 # -------------------------------------------------------------------------- identifiability

@@ -4,6 +4,7 @@
 |---|---|---|
 | any ``V`` | ``"dense"`` | ``n³/3`` |
 | ``A ⊗ B (+ σ² I)`` | ``"kronecker"`` | ``m³ + n³ + p mn(m + n)`` |
+| block diagonal over one grouping factor | ``"grouped"`` | ``Σ n_g³/3`` |
 | ``Σ Z_i G_i Z_iᵀ + R``, ``R`` diagonal | ``"woodbury"`` | ``n q² + q³`` |
 
 :func:`select_solver` picks, among the solvers whose structure the model has, the one with
@@ -19,15 +20,16 @@ import torch
 from ..operators.kronecker import KroneckerProduct
 from .base import NotPositiveDefiniteError, Solver, UnsupportedStructure
 from .dense import DenseSolver
+from .grouped import GroupedSolver
 from .kronecker import KroneckerSolver, complete_grid
 from .woodbury import WoodburySolver
 
 __all__ = ["NotPositiveDefiniteError", "UnsupportedStructure", "Solver", "DenseSolver",
-           "KroneckerSolver", "WoodburySolver", "SOLVERS", "select_solver",
+           "KroneckerSolver", "GroupedSolver", "WoodburySolver", "SOLVERS", "select_solver",
            "identify", "complete_grid"]
 
 SOLVERS: dict[str, type[Solver]] = {"dense": DenseSolver, "kronecker": KroneckerSolver,
-                                    "woodbury": WoodburySolver}
+                                    "grouped": GroupedSolver, "woodbury": WoodburySolver}
 
 
 def select_solver(model, solver=None) -> Solver:
