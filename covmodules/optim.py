@@ -149,37 +149,33 @@ class AIREML:
 
     def _probe_boundary(self, free, score, ai, active, boundary, state) -> bool:
         """A small variance (below 1e-3 of the data variance) whose Newton step runs past
-        ``max_step`` towards zero is tried at the boundary and fixed there if that does not
-        lower the likelihood (log-scale steps alone approach zero only linearly)."""
+        ``max_step`` towards zero is tried at the boundary (log-scale steps alone approach
+        zero only linearly)."""
         delta = self._direction(ai, score, active)
-        for k in range(len(free)):
-            if not (active[k] and self.kinds[k] == "variance" and delta[k] < -self.max_step
-                    and self._implied_variance(k, float(free[k])) < 1e-3 * self.data_variance):
-                continue
-            probe = free.clone()
-            probe[k] = self._boundary_value(k, -1.0)
-            trial = self._state(probe)
-            if trial is not None and float(trial.neg_loglik) <= float(state.neg_loglik):
-                free[k], active[k] = probe[k], False
-                boundary.append(self.names[k])
-                return True
-        return False
+        return any(delta[k] < -self.max_step and self._try_boundary(free, k, active, boundary,
+                                                                     state, 1e-3, 0.0)
+                   for k in range(len(free)))
 
     def _settle_tiny_variances(self, free, active, boundary, state) -> bool:
-        """At convergence, a variance below 1e-6 of the data variance goes to the boundary when
-        that costs no likelihood (the log scale flattens before reaching zero)."""
-        for k in range(len(free)):
-            if not (active[k] and self.kinds[k] == "variance"
-                    and self._implied_variance(k, float(free[k])) < 1e-6 * self.data_variance):
-                continue
-            probe = free.clone()
-            probe[k] = self._boundary_value(k, -1.0)
-            trial = self._state(probe)
-            if trial is not None and float(trial.neg_loglik) <= float(state.neg_loglik) + 1e-9:
-                free[k], active[k] = probe[k], False
-                boundary.append(self.names[k])
-                return True
-        return False
+        """At convergence, a variance below 1e-6 of the data variance is tried at the boundary
+        (the log scale flattens before reaching zero)."""
+        return any(self._try_boundary(free, k, active, boundary, state, 1e-6, 1e-9)
+                   for k in range(len(free)))
+
+    def _try_boundary(self, free, k, active, boundary, state, below, slack) -> bool:
+        """Fix active variance ``k``, if below ``below`` times the data variance, at the
+        boundary when that lowers ``l`` by at most ``slack``."""
+        if not (active[k] and self.kinds[k] == "variance"
+                and self._implied_variance(k, float(free[k])) < below * self.data_variance):
+            return False
+        probe = free.clone()
+        probe[k] = self._boundary_value(k, -1.0)
+        trial = self._state(probe)
+        if trial is None or float(trial.neg_loglik) > float(state.neg_loglik) + slack:
+            return False
+        free[k], active[k] = probe[k], False
+        boundary.append(self.names[k])
+        return True
 
     def _release_boundary(self, free, score, active, boundary, released) -> bool:
         """Free a boundary variance again (twice at most) when the likelihood increases away
