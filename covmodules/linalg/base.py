@@ -135,8 +135,7 @@ class GLSState:
 def gls(factor: Factor, y: torch.Tensor, X: torch.Tensor, method: str) -> GLSState:
     """GLS estimate and ``-l`` (R's scale) from a factorisation of ``V``."""
     n, p = X.shape
-    Bw = factor.whiten(torch.cat([X, y[:, None]], 1))
-    Xw, yw = Bw[:, :p], Bw[:, p]
+    Xw, yw = factor.whiten(X), factor.whiten(y[:, None])[:, 0]
     A = factor.inner(Xw, Xw)
     LA, info = torch.linalg.cholesky_ex(0.5 * (A + A.T))
     if int(info) != 0:

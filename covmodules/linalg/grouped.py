@@ -34,6 +34,7 @@ import torch
 from ..model import MixedModel
 from ..operators.grouped import Grouped
 from ..operators.kronecker import KroneckerProduct
+from ..structures.diagonal import DiagonalMatrix
 from ..structures.identity import IdentityMatrix
 from ..structures.scalar import ScalarMatrix
 from .base import (Factor, GLSState, NotPositiveDefiniteError, StructuredSolver,
@@ -59,6 +60,16 @@ class _Piece:
     @property
     def num_params(self) -> int:
         return self.module.num_params
+
+
+@dataclass
+class _Rows:
+    """A piece's positions (Grouped) or term values in one bucket of equal-size groups:
+    ``(count, s[, k])``, or ``(s[, k])`` when every group of the bucket shares them."""
+
+    common: bool
+    data: torch.Tensor
+    mask: torch.Tensor | None
 
 
 def _term_structure(G):
@@ -121,9 +132,10 @@ class GroupedSolver(StructuredSolver):
         for s in torch.unique(sizes).tolist():
             first = starts[sizes == s]
             self.buckets.append(order[first[:, None] + torch.arange(s)])
-        self.masks = [[self._mask(p, idx) for p in self.pieces] for idx in self.buckets]
-        if sum(idx.numel() for idx in self.buckets) != n:
-            raise UnsupportedStructure("grouping does not cover every row")
+        self.blocks = [[self._rows(p, idx) for p in self.pieces] for idx in self.buckets]
+        self.full = [any(b is not None and not b.common for b in blocks)
+                     or any(isinstance(p.module, DiagonalMatrix) for p in self.pieces)
+                     for blocks in self.blocks]
 
     @staticmethod
     def _piece(model, name, module, offset) -> _Piece:
@@ -164,11 +176,19 @@ class GroupedSolver(StructuredSolver):
         return groups
 
     @staticmethod
-    def _mask(p: _Piece, idx: torch.Tensor):
-        if not p.masked:
+    def _rows(p: _Piece, idx: torch.Tensor):
+        """The piece's rows in one bucket, shared by all its groups where they agree."""
+        if p.kind == "diagonal":
             return None
-        c = p.codes[idx]
-        return (c[:, :, None] == c[:, None, :]) & (c[:, :, None] >= 0)
+        data = p.index[idx] if p.kind == "grouped" else p.values[idx]
+        mask = None
+        if p.masked:
+            c = p.codes[idx]
+            mask = (c[:, :, None] == c[:, None, :]) & (c[:, :, None] >= 0)
+        common = bool((data == data[:1]).all()) and (mask is None or bool((mask == mask[:1]).all()))
+        if common:
+            data, mask = data[0], None if mask is None else mask[0]
+        return _Rows(common, data, mask)
 
     @property
     def cost(self) -> float:
@@ -178,30 +198,41 @@ class GroupedSolver(StructuredSolver):
     def _slice(self, nat, p: _Piece):
         return nat[p.offset:p.offset + p.num_params]
 
+    def _part(self, p: _Piece, rows: "_Rows", S: torch.Tensor) -> torch.Tensor:
+        """The piece's ``(s, s)`` (common) or ``(count, s, s)`` contribution to the blocks."""
+        if p.kind == "grouped":
+            pos = rows.data
+            part = S[pos[..., :, None], pos[..., None, :]]
+        else:
+            Zt = rows.data.to(S.dtype)
+            part = Zt @ S @ Zt.transpose(-1, -2)
+        return part if rows.mask is None else part * rows.mask
+
     def factorize(self, nat):
-        diagonal = None
-        inner = {}
+        inner, diagonal, scalar = {}, None, 0.0
         for i, p in enumerate(self.pieces):
             part = self._slice(nat, p)
-            if p.kind == "diagonal":
-                d = diagonal_values(p.module, part, self.n)
-                diagonal = d if diagonal is None else diagonal + d
-            else:
+            if p.kind != "diagonal":
                 inner[i] = p.inner._evaluate(part)
+            elif isinstance(p.module, DiagonalMatrix):
+                diagonal = part if diagonal is None else diagonal + part
+            else:
+                scalar = scalar + diagonal_values(p.module, part, 1)[0]
         blocks = []
-        for idx, masks in zip(self.buckets, self.masks):
+        for idx, rows in zip(self.buckets, self.blocks):
             c, s = idx.shape
-            V = nat.new_zeros(c, s, s)
+            common = nat.new_zeros(s, s)
+            common.diagonal().add_(scalar)
+            V = None
             for i, p in enumerate(self.pieces):
-                if p.kind == "grouped":
-                    pos = p.index[idx]
-                    part = inner[i][pos[:, :, None], pos[:, None, :]]
-                elif p.kind == "term":
-                    Zt = p.values[idx].to(nat.dtype)
-                    part = Zt @ inner[i] @ Zt.transpose(1, 2)
-                else:
+                if rows[i] is None:
                     continue
-                V += part if masks[i] is None else part * masks[i]
+                part = self._part(p, rows[i], inner[i])
+                if rows[i].common:
+                    common += part
+                else:
+                    V = part if V is None else V.add_(part)
+            V = common.expand(c, s, s).clone() if V is None else V.add_(common)
             if diagonal is not None:
                 V.diagonal(dim1=1, dim2=2).add_(diagonal[idx])
             blocks.append(V)
@@ -210,34 +241,48 @@ class GroupedSolver(StructuredSolver):
     def natural_gradient(self, nat, state: GLSState):
         f, Py = state.factor, state.Py
         W = f.unwhiten(state.low_rank_x()) if state.method == "reml" else None
-        diag = Py.new_zeros(self.n)
+        diag, trace = Py.new_zeros(self.n), nat.new_zeros(())
         acc = {i: nat.new_zeros(p.inner.shape) for i, p in enumerate(self.pieces)
                if p.kind != "diagonal"}
-        for idx, L, masks in zip(self.buckets, f.L, self.masks):
-            G = torch.cholesky_inverse(L)
+        for idx, L, rows, full in zip(self.buckets, f.L, self.blocks, self.full):
+            s = idx.shape[1]
+            Vinv = torch.cholesky_inverse(L)
             r = Py[idx]
-            G -= r[:, :, None] * r[:, None, :]
+            total = Vinv.sum(0) - r.T @ r                   # Σ_g Ḡ_g (times 2)
             if W is not None:
                 Wg = W[idx]
-                G -= Wg @ Wg.transpose(1, 2)
-            G *= 0.5
-            diag[idx] = G.diagonal(dim1=1, dim2=2)
+                Wf = Wg.transpose(0, 1).reshape(s, -1)
+                total -= Wf @ Wf.T
+            total *= 0.5
+            trace += total.trace()
+            if full:
+                G = Vinv.sub_(r[:, :, None] * r[:, None, :])
+                if W is not None:
+                    G -= Wg @ Wg.transpose(1, 2)
+                G *= 0.5
+                diag[idx] = G.diagonal(dim1=1, dim2=2)
             for i, p in enumerate(self.pieces):
-                if p.kind == "diagonal":
+                b = rows[i]
+                if b is None:
                     continue
-                Gm = G if masks[i] is None else G * masks[i]
+                Gm = total if b.common else G
+                Gm = Gm if b.mask is None else Gm * b.mask
                 if p.kind == "grouped":
-                    T, pos = p.inner.shape[0], p.index[idx]
-                    flat = (pos[:, :, None] * T + pos[:, None, :]).reshape(-1)
-                    acc[i].view(-1).index_add_(0, flat, Gm.reshape(-1))
+                    pos = b.data
+                    acc[i].index_put_((pos[..., :, None], pos[..., None, :]), Gm,
+                                      accumulate=True)
                 else:
-                    Zt = p.values[idx].to(nat.dtype)
-                    acc[i] += (Zt.transpose(1, 2) @ Gm @ Zt).sum(0)
+                    Zt = b.data.to(nat.dtype)
+                    acc[i] += (Zt.transpose(-1, -2) @ Gm @ Zt).reshape(-1, *acc[i].shape).sum(0)
         out = nat.new_zeros(nat.shape[0])
         for i, p in enumerate(self.pieces):
             part = self._slice(nat, p)
-            g = (diagonal_vjp(p.module, diag) if p.kind == "diagonal"
-                 else p.inner._vjp(part, acc[i]))
+            if p.kind != "diagonal":
+                g = p.inner._vjp(part, acc[i])
+            elif isinstance(p.module, ScalarMatrix):
+                g = trace[None]
+            else:
+                g = diagonal_vjp(p.module, diag)
             out[p.offset:p.offset + p.num_params] = g
         return out
 
