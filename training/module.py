@@ -1,0 +1,495 @@
+"""``REMLModule``: a covariance model fitted by REML (or ML) as a LightningModule.
+
+One training step is one optimiser step on the REML loss of the batch (by default the whole
+training set):
+
+- ``ai``: one AI-REML iteration (:class:`covmodules.optim.AIREML`) per step, by manual
+  optimisation through :class:`AIStep`; the run keeps its state (damping, boundary) between
+  steps, so the iterations are those of :func:`covmodules.fit`;
+- ``lbfgs``, ``adam``, ``sgd``: the torch optimiser on the loss, whose backward pass runs
+  through the covariance modules' closed-form gradients; LBFGS re-evaluates it in a closure.
+
+The optimisers are set up as :func:`covmodules.fit` sets them up and stop on the same rule,
+so a Lightning fit ends at the estimates of the plain fit. Logged per step: ``loss``,
+``loglik``, ``grad_norm`` (the largest absolute gradient at the start of the step),
+``param/<name>`` on the natural scale and, for AI-REML, ``ai/step``, ``ai/halvings`` and
+``ai/decrement``; at the end (and every ``image_every_n_epochs``): heatmaps
+of the leaf covariances and of ``V``, BLUP histograms, the summary text and the hparams with
+the final log-likelihood, AIC and BIC (``hp/loglik``, ``hp/aic``, ``hp/bic``).
+"""
+
+from __future__ import annotations
+
+import copy
+import queue
+import threading
+from typing import Callable, Literal, Optional
+
+import lightning as L
+import pandas as pd
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import DataLoader
+from torchmetrics import MeanSquaredError, R2Score
+
+from covmodules import CovarianceModule
+from covmodules.fitting import _register, _start
+from covmodules.optim import AIREML
+from covmodules.reml import REML
+from covmodules.results import FitResult
+from covmodules.specs import Problem, SpecError
+
+from .data import Batch, loader
+from .metrics import REMLStatistics
+from .monitoring import blup_values, component_blups, fitted_v_block, heatmap, leaf_covariances
+
+__all__ = ["REMLModule", "AIStep", "AIRunner"]
+
+OPTIMIZERS = ("ai", "lbfgs", "adam", "sgd")
+_EPOCH = {"on_step": False, "on_epoch": True, "batch_size": 1}
+
+
+class _Stop(Exception):
+    """Ends a suspended AI-REML run."""
+
+
+class AIRunner:
+    """:meth:`covmodules.optim.AIREML.run` advanced one iteration per :meth:`next`.
+
+    The run works in a thread that pauses in AIREML's per-iteration callback, so iterations,
+    damping and boundary handling are those of :func:`covmodules.fit`, step for step. The
+    first ``replay`` iterations run without pausing: resuming from a checkpoint replays the
+    (deterministic) path from the start up to the checkpoint.
+    """
+
+    def __init__(self, objective: REML, start: torch.Tensor, tol: float, replay: int = 0):
+        self.objective, self.start, self.tol, self.replay = objective, start, tol, replay
+        self.replayed: Optional[dict] = None
+        self._to_run: queue.Queue = queue.Queue(maxsize=1)
+        self._results: queue.Queue = queue.Queue(maxsize=1)
+        self._thread: Optional[threading.Thread] = None
+
+    def next(self) -> tuple[str, object]:
+        """``("step", record)`` after one more iteration, or ``("done", AIRun)`` at the end."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._work, daemon=True)
+            self._thread.start()
+        else:
+            self._to_run.put(True)
+        kind, value = self._results.get()
+        if kind == "error":
+            raise value
+        return kind, value
+
+    def close(self) -> None:
+        """Stop a run that waits for its next iteration."""
+        if self._thread is not None and self._thread.is_alive():
+            self._to_run.put(False)
+            self._thread.join()
+
+    def _work(self) -> None:
+        try:
+            run = AIREML(self.objective, max_iter=10 ** 9, tol=self.tol,
+                         callback=self._pause).run(self.start)
+            self._results.put(("done", run))
+        except _Stop:
+            pass
+        except BaseException as err:          # handed to the training loop's thread
+            self._results.put(("error", err))
+
+    def _pause(self, record: dict) -> None:
+        if self.replay > 0:
+            self.replay -= 1
+            self.replayed = record
+            return
+        self._results.put(("step", record))
+        if not self._to_run.get():
+            raise _Stop
+
+
+class AIStep(torch.optim.Optimizer):
+    """AI-REML as a torch optimiser: each :meth:`step` is one iteration of an
+    :class:`AIRunner` on ``objective()``, written back to the model's parameters.
+
+    :meth:`begin` starts the run at free-scale ``start``; :attr:`last` is what the last step
+    returned (``("step", record)`` or ``("done", AIRun)``).
+    """
+
+    def __init__(self, objective: Callable[[], REML], tol: float = 1e-10):
+        model = objective().model
+        super().__init__([p for p in model.parameters() if p.requires_grad], {})
+        self.objective, self.tol = objective, tol
+        self.runner: Optional[AIRunner] = None
+        self.last: Optional[tuple[str, object]] = None
+        self._expected: Optional[torch.Tensor] = None
+
+    def begin(self, start: torch.Tensor, replay: int = 0) -> None:
+        """Start the run at ``start``, replaying ``replay`` iterations to reach the current
+        parameters (a resumed fit)."""
+        model = self.objective().model
+        self._expected = model._registered_free().detach().clone() if replay else None
+        self.runner = AIRunner(self.objective(), start, self.tol, replay)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        kind, value = self.runner.next()
+        if self._expected is not None:
+            replayed = torch.tensor(self.runner.replayed["params"], dtype=torch.float64)
+            if not torch.allclose(replayed, self._expected.to(replayed), rtol=1e-9, atol=1e-12):
+                raise RuntimeError("replaying AI-REML from the checkpoint's start did not reach "
+                                   "its parameters: the data or the model differ")
+            self._expected = None
+        free = torch.tensor(value["params"], dtype=torch.float64) if kind == "step" else value.free
+        _register(self.objective().model, free)
+        self.last = (kind, value)
+
+    def close(self) -> None:
+        if self.runner is not None:
+            self.runner.close()
+
+
+class REMLModule(L.LightningModule):
+    """A covariance model fitted by REML (or ML) in Lightning (see the module docstring).
+
+    Give the model and data directly (``REMLModule(model, y, X)``, then
+    ``Trainer().fit(module)``), or leave them out and fit with a
+    :class:`~training.data.MixedModelDataModule`, which builds them from its spec.
+    After ``fit``, :attr:`result` is the :class:`~covmodules.results.FitResult`.
+
+    Args:
+        covariance: the covariance module of ``y`` (e.g. a :class:`~covmodules.MixedModel`).
+        y, X, x_names: response, fixed-effects design and its column names.
+        optimizer: ``"ai"`` (AI-REML), ``"lbfgs"``, ``"adam"`` or ``"sgd"``.
+        reml: REML (default) or profiled ML.
+        lr: learning rate of Adam / SGD.
+        tol: convergence tolerance, as in :func:`covmodules.fit`.
+        start: natural-scale start values by parameter name (default: the data-driven start
+            of :func:`covmodules.fit`).
+        max_image_size: rows and columns shown of each covariance heatmap.
+        image_every_n_epochs: also log the images every this many epochs (0: at the end only).
+    """
+
+    def __init__(self, covariance: Optional[CovarianceModule] = None,
+                 y: Optional[torch.Tensor] = None, X: Optional[torch.Tensor] = None,
+                 x_names: Optional[list[str]] = None,
+                 optimizer: Literal["ai", "lbfgs", "adam", "sgd"] = "ai", reml: bool = True,
+                 lr: float = 0.05, tol: float = 1e-10, start: Optional[dict[str, float]] = None,
+                 max_image_size: int = 100, image_every_n_epochs: int = 0):
+        super().__init__()
+        if optimizer not in OPTIMIZERS:
+            raise SpecError(f"model.optimizer: unknown optimizer {optimizer!r}; "
+                            f"choose one of {list(OPTIMIZERS)}")
+        if (covariance is None) != (y is None):
+            raise ValueError("give covariance and y together (X optional), or neither and fit "
+                             "with a MixedModelDataModule")
+        self.save_hyperparameters(ignore=["covariance", "y", "X", "x_names"])
+        self.automatic_optimization = optimizer != "ai"
+        self.covariance = covariance
+        self.register_buffer("y", None, persistent=False)
+        self.register_buffer("X", None, persistent=False)
+        self.x_names = x_names
+        if covariance is not None:
+            self._set_data(y, X, x_names)
+        self.val_mse, self.val_r2, self.val_loglik = (MeanSquaredError(), R2Score(),
+                                                      REMLStatistics(method=self.method))
+        self.history: list[dict] = []
+        self.converged, self.boundary = False, []
+        self.result: Optional[FitResult] = None
+        self._objective: Optional[REML] = None
+        self._start_free: Optional[torch.Tensor] = None
+        self._previous_loss: Optional[float] = None
+        self._epoch_loss, self._step_loss, self._grad_norm = 0.0, None, None
+        self._val_beta: Optional[torch.Tensor] = None
+
+    @property
+    def method(self) -> str:
+        return "reml" if self.hparams.reml else "ml"
+
+    def _set_data(self, y, X, x_names):
+        self.y = y
+        self.X = torch.ones(len(y), 1, dtype=y.dtype, device=y.device) if X is None else X
+        self.x_names = (["(Intercept)"] if X is None else None) if x_names is None else x_names
+
+    @property
+    def objective(self) -> REML:
+        """The REML objective of the whole training set (rebuilt after a device change)."""
+        if self._objective is None or self._objective.y.device != self.y.device:
+            self._objective = REML(self.covariance, self.y, self.X, x_names=self.x_names,
+                                   method=self.method)
+        return self._objective
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self, stage: str) -> None:
+        if getattr(self.trainer, "datamodule", None) is None:
+            self.trainer.limit_val_batches = 0    # no held-out groups without a DataModule
+        if self.covariance is None:
+            problem = getattr(getattr(self.trainer, "datamodule", None), "train_problem", None)
+            if problem is None:
+                raise ValueError("REMLModule has no model: pass covariance and y, or fit with a "
+                                 "MixedModelDataModule")
+            self.covariance = problem.model
+            self._set_data(problem.y, problem.X, problem.x_names)
+        names = self.covariance.param_names
+        for name, value in (self.hparams.start or {}).items():
+            if name not in names:
+                raise SpecError(f"model.start.{name}: unknown parameter; the model's "
+                                f"parameters are {names}")
+
+    def configure_optimizers(self):
+        name = self.hparams.optimizer
+        if name == "ai":
+            return AIStep(lambda: self.objective, tol=self.hparams.tol)
+        params = [p for p in self.covariance.parameters() if p.requires_grad]
+        if name == "lbfgs":
+            return torch.optim.LBFGS(params, lr=1.0, max_iter=20, tolerance_grad=1e-12,
+                                     tolerance_change=1e-14, history_size=20,
+                                     line_search_fn="strong_wolfe")
+        cls = torch.optim.Adam if name == "adam" else torch.optim.SGD
+        return cls(params, lr=self.hparams.lr)
+
+    def on_fit_start(self) -> None:
+        batches = getattr(self.trainer.datamodule, "train_batches", [None])
+        if len(batches) > 1 and self.hparams.optimizer in ("ai", "lbfgs"):
+            raise SpecError(f"model.optimizer: {self.hparams.optimizer!r} needs the whole "
+                            "training set in one batch; set data.groups_per_batch: null or "
+                            "use adam / sgd")
+        if self.trainer.ckpt_path is None and not self.history:
+            try:
+                free = _start(self.objective, self.hparams.start)
+            except ValueError as err:
+                raise SpecError(f"model.start: {err}") from None
+            _register(self.covariance, free)
+            self._start_free = free.clone()
+
+    def train_dataloader(self) -> DataLoader:
+        return _single(self._own_problem())
+
+    def val_dataloader(self) -> DataLoader:
+        return loader([])
+
+    def predict_dataloader(self) -> DataLoader:
+        return _single(self._own_problem())
+
+    def _own_problem(self) -> Problem:
+        frame = pd.DataFrame(index=pd.RangeIndex(len(self.y)))
+        return Problem(self.covariance, self.y, self.X, list(self.x_names or []), frame)
+
+    # ----------------------------------------------------------------- training
+    def training_step(self, batch: Batch, batch_idx: int):
+        if self.hparams.optimizer == "ai":
+            return self._ai_step()
+        objective = self._batch_objective(batch)
+        if objective is self.objective:
+            loss = objective.loss()
+        else:
+            loss = objective.loss(self.covariance._registered_free())
+        if self._step_loss is None:
+            self._step_loss = float(loss.detach())
+            self.log("loss", loss.detach(), prog_bar=True, **_EPOCH)
+            self.log("loglik", -loss.detach(), prog_bar=True, **_EPOCH)
+        return loss
+
+    def _ai_step(self):
+        opt = self.optimizers()
+        ai = opt.optimizer
+        if ai.runner is None:
+            if self._start_free is None:       # a checkpoint without its start: go on from here
+                ai.begin(self.covariance._registered_free().detach().to(torch.float64))
+            else:
+                ai.begin(self._start_free.to(torch.float64), replay=len(self.history))
+        opt.step()
+        kind, value = ai.last
+        if kind == "step":
+            loglik = value["loglik"]
+            self.log("grad_norm", _f64(value["score_norm"]), **_EPOCH)
+            for key in ("step", "halvings", "decrement"):
+                self.log(f"ai/{key}", _f64(value[key]), **_EPOCH)
+            self.history.append(dict(value))
+        else:
+            loglik, self.converged, self.boundary = value.loglik, value.converged, value.boundary
+            self.trainer.should_stop = True
+        self.log("loss", _f64(-loglik), prog_bar=True, **_EPOCH)
+        self.log("loglik", _f64(loglik), prog_bar=True, **_EPOCH)
+        return _f64(-loglik)
+
+    def _batch_objective(self, batch: Batch) -> REML:
+        model = batch.problem.model
+        if model is self.covariance:
+            return self.objective
+        if getattr(batch, "objective", None) is None:
+            if model.free_param_names != self.covariance.free_param_names:
+                raise ValueError("a batch's model has other parameters than the training model")
+            p = batch.problem
+            batch.objective = REML(model, p.y, p.X, x_names=p.x_names, method=self.method)
+        return batch.objective
+
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        self._step_loss, self._grad_norm = None, None
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if self._grad_norm is None:
+            grads = [p.grad.abs().max() for p in self.covariance.parameters() if p.grad is not None]
+            self._grad_norm = float(max(grads)) if grads else 0.0
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self.automatic_optimization:
+            self._epoch_loss += self._step_loss
+            self.log("grad_norm", _f64(self._grad_norm or 0.0), **_EPOCH)
+        for name, value in self.covariance.params.items():
+            self.log(f"param/{name}", _f64(value), **_EPOCH)
+
+    def on_train_epoch_end(self) -> None:
+        if self.automatic_optimization:
+            loss, self._epoch_loss = self._epoch_loss, 0.0
+            self.history.append({"iteration": len(self.history) + 1, "loglik": -loss})
+            previous, self._previous_loss = self._previous_loss, loss
+            tol = self.hparams.tol * max(1.0, abs(loss))
+            if previous is not None and abs(previous - loss) < tol:
+                self.converged = True
+                self.trainer.should_stop = True
+        every = self.hparams.image_every_n_epochs
+        if every and (self.current_epoch + 1) % every == 0:
+            for logger in self._tensorboards():
+                self._log_images(logger.experiment)
+
+    def on_train_end(self) -> None:
+        self._close_runner()
+        if not self.converged:
+            rank_zero_warn(f"the REML fit stopped after {len(self.history)} steps without "
+                           "converging; raise trainer.max_epochs")
+        self.result = self.fit_result()
+        self._log_final(self.result)
+
+    def on_exception(self, exception: BaseException) -> None:
+        self._close_runner()
+
+    def _close_runner(self) -> None:
+        for opt in self.trainer.optimizers:
+            if isinstance(opt, AIStep):
+                opt.close()
+
+    def fit_result(self) -> FitResult:
+        """The :class:`~covmodules.results.FitResult` at the current parameters (on the CPU)."""
+        objective = self.objective
+        if self.y.device.type != "cpu":
+            model = copy.deepcopy(self.covariance).cpu()
+            objective = REML(model, self.y.cpu(), self.X.cpu(), x_names=self.x_names,
+                             method=self.method)
+        free = objective.model._registered_free().detach().to(torch.float64)
+        state = objective.state(free)
+        ai = objective.average_information(free, state)
+        return FitResult(objective, free, state, ai, self.converged, len(self.history),
+                         self.hparams.optimizer, list(self.boundary), list(self.history))
+
+    # --------------------------------------------------------------- monitoring
+    def _tensorboards(self) -> list[TensorBoardLogger]:
+        return [lg for lg in self.loggers if isinstance(lg, TensorBoardLogger)]
+
+    def _log_images(self, writer) -> None:
+        size, step = self.hparams.max_image_size, self.global_step
+        for name, C in leaf_covariances(self.covariance, size).items():
+            writer.add_image(f"covariance/{name}", heatmap(C), step, dataformats="HWC")
+        V = fitted_v_block(self.covariance, size)
+        if V is not None:
+            writer.add_image("covariance/V", heatmap(V, vmax=float(V.abs().max())), step,
+                             dataformats="HWC")
+
+    def _log_final(self, result: FitResult) -> None:
+        metrics = {"hp/loglik": result.loglik, "hp/aic": result.aic, "hp/bic": result.bic}
+        for logger in self.loggers:
+            if not isinstance(logger, TensorBoardLogger):
+                logger.log_metrics(metrics, self.global_step)
+                continue
+            writer = logger.experiment
+            self._log_images(writer)
+            for name, values in blup_values(result).items():
+                writer.add_histogram(f"blups/{name}", values, self.global_step)
+            writer.add_text("summary", "    " + result.summary().replace("\n", "\n    "),
+                            self.global_step)
+            logger.log_hyperparams(dict(logger.hparams) or dict(self.hparams), metrics=metrics)
+
+    # --------------------------------------------------------------- validation
+    def on_validation_epoch_start(self) -> None:
+        free = self.covariance._registered_free().detach().to(torch.float64)
+        self._val_beta = self.objective.state(free).beta
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        p = batch.problem
+        X = self._kept_columns(p).to(self._val_beta)
+        prediction = X @ self._val_beta
+        y = p.y.to(prediction)
+        self.val_mse.update(prediction, y)
+        self.val_r2.update(prediction, y)
+        with torch.no_grad():
+            V = p.model(self.covariance._registered_free().detach().to(torch.float64))
+        self.val_loglik.update(V, y, X)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.val_loglik.update_count == 0:
+            return
+        for name, metric in (("mse", self.val_mse), ("r2", self.val_r2),
+                             ("loglik", self.val_loglik)):
+            self.log(f"val/{name}", _f64(metric.compute()), prog_bar=name == "mse", **_EPOCH)
+            metric.reset()
+
+    def _kept_columns(self, problem: Problem) -> torch.Tensor:
+        """Columns of ``problem.X`` the training objective kept (aliased ones dropped)."""
+        index = [problem.x_names.index(name) for name in self.objective.x_names]
+        return problem.X[:, index]
+
+    # ------------------------------------------------------------------ predict
+    def on_predict_start(self) -> None:
+        if not self.history:
+            raise SpecError("predict needs fitted parameters: run fit first, or pass "
+                            "--ckpt_path with a checkpoint written by fit")
+        self.result = self.fit_result()
+
+    def predict_step(self, batch: Batch, batch_idx: int) -> pd.DataFrame:
+        """Fitted values of the batch's rows: ``fitted_marginal`` (``X b̂``), ``fitted``
+        (plus the BLUPs of random terms, and columns for residual components such as the
+        spatial field, on the training rows; marginal on held-out groups) and ``residual``."""
+        p, result = batch.problem, self.result
+        marginal = (self._kept_columns(p).double().cpu() @ result.state.beta).numpy()
+        out = p.frame.copy()
+        out.insert(0, "split", batch.split)
+        out["fitted_marginal"] = marginal
+        out["fitted"] = result.fitted(conditional=True) if batch.split == "train" else marginal
+        if batch.split == "train":
+            for name, values in component_blups(result).items():
+                out[name] = values
+        out["residual"] = p.y.double().cpu().numpy() - out["fitted"].to_numpy()
+        return out
+
+    def blup_table(self) -> pd.DataFrame:
+        """BLUPs of the random terms, one row per (term, level, coefficient)."""
+        rows = []
+        for term, frame in self.result.blups().items():
+            for level, values in frame.iterrows():
+                rows += [(term, level, coef, value) for coef, value in values.items()]
+        return pd.DataFrame(rows, columns=["term", "level", "coefficient", "blup"])
+
+    # ---------------------------------------------------------------- checkpoint
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        start = None if self._start_free is None else self._start_free.tolist()
+        checkpoint["reml"] = {"history": self.history, "converged": self.converged,
+                              "boundary": self.boundary, "previous_loss": self._previous_loss,
+                              "start": start}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("reml", {})
+        self.history = list(state.get("history", []))
+        self.converged = bool(state.get("converged", False))
+        self.boundary = list(state.get("boundary", []))
+        self._previous_loss = state.get("previous_loss")
+        start = state.get("start")
+        self._start_free = None if start is None else torch.tensor(start, dtype=torch.float64)
+
+
+def _f64(value) -> torch.Tensor:
+    """A float64 scalar tensor (``self.log`` keeps tensors' precision, floats become float32)."""
+    return torch.as_tensor(value, dtype=torch.float64).detach()
+
+
+def _single(problem: Problem) -> DataLoader:
+    return loader([Batch(problem, "train")])
