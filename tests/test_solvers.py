@@ -18,7 +18,7 @@ from covmodules import (AR1Matrix, CompoundSymmetricMatrix, DesignMatrix, Diagon
                         MixedModel, ScalarMatrix, Sum, UnconstrainedMatrix, fit)
 from covmodules.design import fixed_design, positions_within_group
 from covmodules.linalg import (SOLVERS, DenseSolver, GroupedSolver, KroneckerSolver,
-                               WoodburySolver, complete_grid, identify, select_solver)
+                               complete_grid, identify, select_solver)
 from covmodules.linalg.dense import NegLogLikFunction, cotangent_v, factorize
 from covmodules.reml import REML
 from covmodules.results import FitResult

@@ -31,7 +31,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ..model import MixedModel
 from ..operators.grouped import Grouped
 from ..operators.kronecker import KroneckerProduct
 from ..structures.diagonal import DiagonalMatrix
@@ -121,7 +120,7 @@ class GroupedSolver(StructuredSolver):
 
     def __init__(self, model):
         super().__init__(model)
-        self.n = n = model.shape[0]
+        self.n = model.shape[0]
         self.pieces = [self._piece(model, name, module, off)
                        for name, module, off in additive_pieces(model)]
         groups = self._grouping([p for p in self.pieces if p.codes is not None])
