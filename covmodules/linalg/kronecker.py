@@ -212,12 +212,15 @@ def complete_grid(row, col, y, X=None, x_names=None, shape=None) -> GridData:
     if r.ndim != 1 or r.shape != c.shape or not (np.issubdtype(r.dtype, np.integer)
                                                   and np.issubdtype(c.dtype, np.integer)):
         raise ValueError("row and col must be 1-D integer coordinates of equal length")
-    y = torch.as_tensor(y, dtype=torch.float64) if not isinstance(y, torch.Tensor) else y
+    y = y if isinstance(y, torch.Tensor) else torch.as_tensor(np.asarray(y), dtype=torch.float64)
     if y.shape != (len(r),):
         raise ValueError(f"y must have one value per plot ({len(r)}), got {tuple(y.shape)}")
     if X is None:
         X = torch.ones(len(r), 1, dtype=y.dtype)
         x_names = x_names or ["(Intercept)"]
+    X = X if isinstance(X, torch.Tensor) else torch.as_tensor(np.asarray(X), dtype=y.dtype)
+    if X.dim() != 2 or X.shape[0] != len(r):
+        raise ValueError(f"X must have one row per plot ({len(r)}), got {tuple(X.shape)}")
     names = list(x_names) if x_names is not None else [f"x{j}" for j in range(X.shape[1])]
     r0, c0 = int(r.min()), int(c.min())
     m, n = shape if shape is not None else (int(r.max()) - r0 + 1, int(c.max()) - c0 + 1)
