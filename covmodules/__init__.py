@@ -9,8 +9,10 @@ from .structures import *  # noqa: F401,F403
 from .reml import MLLoss, REML, REMLLoss, ml_loss, reml_loss
 from .results import FitResult
 from .structures import __all__ as _structures
+from .layers import __all__ as _layers
+from .layers import *  # noqa: F401,F403
 
 __version__ = "0.1.0"
 __all__ = ["CovarianceFunction", "CovarianceModule", "ParamSpec", "Structure",
            "MixedModel", "fit", "FitResult", "REML", "REMLLoss", "MLLoss", "reml_loss", "ml_loss",
-           *_structures, *_operators]
+           *_structures, *_operators, *_layers]
