@@ -194,6 +194,14 @@ class CovarianceModule(nn.Module, abc.ABC):
         """Make a fixed parameter free again (an ``nn.Parameter``)."""
         self._set_fixed(self._check_name(name), False)
 
+    def set_free_params(self, free_params) -> None:
+        """Set the registered free parameters from a flat free-scale tensor or a dict."""
+        free = self._check_free(free_params)
+        raws = self._raw_tensors()
+        with torch.no_grad():
+            for i, value in zip(self.free_param_index, free.detach().tolist()):
+                raws[i].fill_(value)
+
     def reset_parameters(self) -> None:
         """Set every parameter to its default."""
         with torch.no_grad():

@@ -12,7 +12,7 @@ from .optim import AIREML, scale_start
 from .reml import REML
 from .results import FitResult
 
-__all__ = ["fit"]
+__all__ = ["fit", "start_values"]
 
 OPTIMIZERS = ("ai", "lbfgs", "adam", "sgd")
 
@@ -58,7 +58,7 @@ def fit(model: CovarianceModule, y, X=None, *, x_names=None, method: str = "ai",
         raise ValueError(f"method must be one of {OPTIMIZERS}, got {method!r}")
     objective = REML(model, y, X, x_names=x_names, method="reml" if reml else "ml",
                      solver=solver)
-    free = _start(objective, start)
+    free = start_values(objective, start)
     if method == "ai":
         run = AIREML(objective, max_iter=50 if max_iter is None else max_iter, tol=tol,
                      callback=callback).run(free)
@@ -72,12 +72,15 @@ def fit(model: CovarianceModule, y, X=None, *, x_names=None, method: str = "ai",
         state = objective.state(free)
         ai = objective.average_information(free, state)
         boundary = []
-    _register(model, free)
+    model.set_free_params(free)
     return FitResult(objective, free, state, ai, converged, iterations, method, boundary,
                      history)
 
 
-def _start(objective: REML, start) -> torch.Tensor:
+def start_values(objective: REML, start=None) -> torch.Tensor:
+    """Free-scale start of a fit: ``start`` as a dict of natural-scale values by name or a flat
+    free-scale tensor; by default the registered values, or :func:`~covmodules.optim.scale_start`
+    when they are all at their defaults."""
     model = objective.model
     if start is None:
         current = model._registered_free().detach().to(torch.float64)
@@ -90,16 +93,9 @@ def _start(objective: REML, start) -> torch.Tensor:
     return model._check_free(start).detach().to(torch.float64)
 
 
-def _register(model: CovarianceModule, free: torch.Tensor) -> None:
-    raws = model._raw_tensors()
-    with torch.no_grad():
-        for i, value in zip(model.free_param_index, free.tolist()):
-            raws[i].fill_(value)
-
-
 def _torch_fit(objective, free, method, max_iter, tol, lr, callback):
     model = objective.model
-    _register(model, free)
+    model.set_free_params(free)
     params = [p for p in model.parameters() if p.requires_grad]
     if method == "lbfgs":
         opt = torch.optim.LBFGS(params, lr=1.0, max_iter=20, tolerance_grad=1e-12,

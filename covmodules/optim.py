@@ -206,85 +206,125 @@ class AIREML:
         return float(t.inverse(torch.tensor(target, dtype=torch.float64)))
 
     # ------------------------------------------------------------------- loop
-    def run(self, start: torch.Tensor | None = None) -> AIRun:
-        """Iterate from ``start`` (free scale; the model's registered values by default)."""
+    def start(self, free: torch.Tensor | None = None) -> None:
+        """Begin at ``free`` (free scale; the model's registered values by default)."""
         model = self.objective.model
-        free = (model._registered_free() if start is None else start).detach().clone()
-        free = free.to(torch.float64)
-        state = self._state(free)
-        if state is None:
+        free = (model._registered_free() if free is None else free).detach().clone()
+        self.free = free.to(torch.float64)
+        self.state = self._state(self.free)
+        if self.state is None:
+            natural = model.build_params(self.free, include_fixed=False).tolist()
             raise NotPositiveDefiniteError(
-                "V is not positive definite at the start values "
-                f"{dict(zip(self.names, model.build_params(free, include_fixed=False).tolist()))};"
+                f"V is not positive definite at the start values {dict(zip(self.names, natural))};"
                 " set other start values (e.g. larger variances, correlations nearer 0)")
-        active = torch.ones(len(free), dtype=torch.bool)
-        bounded = torch.tensor([k != "free" for k in self.kinds])
-        boundary, history, converged, it, damping = [], [], False, 0, 0.0
-        released = [0] * len(free)
+        self.active = torch.ones(len(self.free), dtype=torch.bool)
+        self.boundary, self.history, self.released = [], [], [0] * len(self.free)
+        self.iterations, self.damping, self.converged, self.done = 0, 0.0, False, False
+        self.ai = None
+
+    def step(self) -> dict | None:
+        """One AI-REML iteration (after any boundary moves); returns its history record, or
+        ``None`` once the run has converged or stopped (see :attr:`converged`)."""
+        if self.done:
+            return None
         while True:
-            score = -self.objective.gradient(free, state)
-            ai = self.objective.average_information(free, state)
-            if self._fix_boundary(free, score, active, boundary):
-                state = self._state(free) or state
-                continue
-            probed = (self._release_boundary(free, score, active, boundary, released)
-                      or self._probe_boundary(free, score, ai, active, boundary, state))
-            if probed:
-                state = self._state(free) or state
-                continue
-            newton = self._direction(ai, score, active)
-            decrement = float(score @ newton)
-            delta = newton if damping == 0.0 else self._direction(ai, score, active, damping)
-            score_norm = float(score[active].abs().max()) if bool(active.any()) else 0.0
-            if decrement < self.tol or score_norm < 1e-8:
-                if self._settle_tiny_variances(free, active, boundary, state):
-                    state = self._state(free) or state
-                    continue
-                converged = True
+            score = -self.objective.gradient(self.free, self.state)
+            self.ai = self.objective.average_information(self.free, self.state)
+            if not self._boundary_moves(score):
                 break
-            if it >= self.max_iter:
-                warnings.warn(f"AI-REML reached max_iter={self.max_iter} without converging "
-                              f"(Newton decrement {decrement:.3g})", stacklevel=3)
+            self.state = self._state(self.free) or self.state
+        newton = self._direction(self.ai, score, self.active)
+        decrement = float(score @ newton)
+        score_norm = float(score[self.active].abs().max()) if bool(self.active.any()) else 0.0
+        if decrement < self.tol or score_norm < 1e-8:
+            if self._settle_tiny_variances(self.free, self.active, self.boundary, self.state):
+                self.state = self._state(self.free) or self.state
+                return self.step()
+            return self._finish(True)
+        if self.iterations >= self.max_iter:
+            warnings.warn(f"AI-REML reached max_iter={self.max_iter} without converging "
+                          f"(Newton decrement {decrement:.3g})", stacklevel=2)
+            return self._finish(False)
+        self.iterations += 1
+        delta = (newton if self.damping == 0.0
+                 else self._direction(self.ai, score, self.active, self.damping))
+        bounded = torch.tensor([k != "free" for k in self.kinds])
+        halvings, trial = 0, None
+        while halvings <= self.max_halvings:
+            # up to two step halvings, then Levenberg-Marquardt damping grows instead
+            if halvings > 2:
+                self.damping = max(10.0 * self.damping, 1e-4)
+                delta = self._direction(self.ai, score, self.active, self.damping)
+            step = 0.5 ** min(halvings, 2)
+            clipped = torch.where(bounded, delta.clamp(-self.max_step, self.max_step), delta)
+            candidate = self.free + step * clipped
+            trial = self._state(candidate)
+            if trial is not None and float(trial.neg_loglik) <= float(self.state.neg_loglik) \
+                    + 1e-12 * abs(float(self.state.neg_loglik)):
                 break
-            it += 1
-            halvings, trial = 0, None
-            while halvings <= self.max_halvings:
-                # up to two step halvings, then Levenberg-Marquardt damping grows instead
-                if halvings > 2:
-                    damping = max(10.0 * damping, 1e-4)
-                    delta = self._direction(ai, score, active, damping)
-                step = 0.5 ** min(halvings, 2)
-                clipped = torch.where(bounded, delta.clamp(-self.max_step, self.max_step), delta)
-                candidate = free + step * clipped
-                trial = self._state(candidate)
-                if trial is not None and float(trial.neg_loglik) <= float(state.neg_loglik) \
-                        + 1e-12 * abs(float(state.neg_loglik)):
-                    break
-                trial, halvings = None, halvings + 1
-            damping = damping / 10.0 if damping > 1e-6 else 0.0
-            if trial is None:
-                converged = decrement < 1e-6
-                if not converged:
-                    warnings.warn("AI-REML could not improve the log-likelihood along the AI "
-                                  f"direction (Newton decrement {decrement:.3g}); stopping",
-                                  stacklevel=3)
-                break
-            change = float(state.neg_loglik - trial.neg_loglik)
-            free, state = candidate, trial
-            record = {"iteration": it, "loglik": -float(state.neg_loglik), "change": change,
-                      "step": step, "halvings": halvings, "decrement": decrement,
-                      "score_norm": score_norm, "params": free.tolist()}
-            history.append(record)
-            if self.callback is not None:
-                self.callback(record)
-            if change < 1e-12 * max(1.0, abs(float(state.neg_loglik))) and \
-                    float((step * clipped).abs().max()) < 1e-9:
-                converged = True
-                break
-        if boundary:
-            warnings.warn(f"singular fit: {boundary} at the boundary of the parameter space",
+            trial, halvings = None, halvings + 1
+        if halvings <= 2:     # the step needed no more damping than it had: relax it
+            self.damping = self.damping / 10.0 if self.damping > 1e-6 else 0.0
+        if trial is None:
+            if decrement >= 1e-6:
+                warnings.warn("AI-REML could not improve the log-likelihood along the AI "
+                              f"direction (Newton decrement {decrement:.3g}); stopping",
+                              stacklevel=2)
+            return self._finish(decrement < 1e-6)
+        change = float(self.state.neg_loglik - trial.neg_loglik)
+        self.free, self.state = candidate, trial
+        record = {"iteration": self.iterations, "loglik": -float(trial.neg_loglik),
+                  "change": change, "step": step, "halvings": halvings, "decrement": decrement,
+                  "score_norm": score_norm, "params": self.free.tolist()}
+        self.history.append(record)
+        if self.callback is not None:
+            self.callback(record)
+        if change < 1e-12 * max(1.0, abs(float(trial.neg_loglik))) and \
+                float((step * clipped).abs().max()) < 1e-9:
+            self._finish(True)
+        return record
+
+    def _boundary_moves(self, score) -> bool:
+        """Fix, release or probe boundary parameters; True when ``free`` changed."""
+        args = (self.free, score, self.active, self.boundary)
+        return (self._fix_boundary(*args)
+                or self._release_boundary(*args, self.released)
+                or self._probe_boundary(self.free, score, self.ai, self.active, self.boundary,
+                                        self.state))
+
+    def _finish(self, converged: bool) -> None:
+        self.converged, self.done = converged, True
+        if self.boundary:
+            warnings.warn(f"singular fit: {self.boundary} at the boundary of the parameter space",
                           stacklevel=3)
-        return AIRun(free, state, ai, converged, it, boundary, history)
+
+    def result(self) -> AIRun:
+        """The run so far as an :class:`AIRun`."""
+        return AIRun(self.free, self.state, self.ai, self.converged, self.iterations,
+                     list(self.boundary), list(self.history))
+
+    def run(self, start: torch.Tensor | None = None) -> AIRun:
+        """Iterate from ``start`` until converged, stopped or ``max_iter``."""
+        self.start(start)
+        while self.step() is not None:
+            pass
+        return self.result()
+
+    def state_dict(self) -> dict:
+        """Everything needed to continue this run exactly (see :meth:`load_state_dict`)."""
+        return {"free": self.free.clone(), "active": self.active.clone(),
+                "boundary": list(self.boundary), "released": list(self.released),
+                "iterations": self.iterations, "damping": self.damping,
+                "converged": self.converged, "done": self.done, "history": list(self.history)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue a run saved by :meth:`state_dict` (the factorisation is recomputed)."""
+        self.start(state["free"])
+        self.active = state["active"].clone()
+        self.boundary, self.released = list(state["boundary"]), list(state["released"])
+        self.iterations, self.damping = int(state["iterations"]), float(state["damping"])
+        self.converged, self.done = bool(state["converged"]), bool(state["done"])
+        self.history = list(state["history"])
 
 
 def scale_start(objective: REML) -> torch.Tensor:
