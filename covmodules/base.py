@@ -194,6 +194,10 @@ class CovarianceModule(nn.Module, abc.ABC):
         """Make a fixed parameter free again (an ``nn.Parameter``)."""
         self._set_fixed(self._check_name(name), False)
 
+    def free_params(self) -> torch.Tensor:
+        """The registered free parameters as a flat, detached free-scale tensor."""
+        return self._registered_free().detach()
+
     def set_free_params(self, free_params) -> None:
         """Set the registered free parameters from a flat free-scale tensor or a dict."""
         free = self._check_free(free_params)

@@ -83,13 +83,13 @@ def start_values(objective: REML, start=None) -> torch.Tensor:
     when they are all at their defaults."""
     model = objective.model
     if start is None:
-        current = model._registered_free().detach().to(torch.float64)
+        current = model.free_params().to(torch.float64)
         if torch.equal(current, model.free_param_defaults):
             return scale_start(objective)
         return current
     if isinstance(start, dict):
         model.set_params(start)
-        return model._registered_free().detach().to(torch.float64)
+        return model.free_params().to(torch.float64)
     return model._check_free(start).detach().to(torch.float64)
 
 
@@ -124,4 +124,4 @@ def _torch_fit(objective, free, method, max_iter, tol, lr, callback):
         previous = loss
     if not converged:
         warnings.warn(f"{method} reached max_iter={max_iter} without converging", stacklevel=3)
-    return model._registered_free().detach().clone(), converged, step, history
+    return model.free_params().clone(), converged, step, history

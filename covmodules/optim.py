@@ -335,7 +335,7 @@ def scale_start(objective: REML) -> torch.Tensor:
     registered values.
     """
     model = objective.model
-    free = model._registered_free().detach().to(torch.float64)
+    free = model.free_params().to(torch.float64)
     kinds = [_kind(t) for t in model.free_param_trans]
     mask = torch.tensor([k == "variance" for k in kinds])
     if not bool(mask.any()):

@@ -3,9 +3,9 @@
 One training step is one optimiser step on the REML loss of the batch (by default the whole
 training set):
 
-- ``ai``: one AI-REML iteration (:class:`covmodules.optim.AIREML`) per step, by manual
+- ``ai``: one AI-REML iteration (:meth:`covmodules.optim.AIREML.step`) per step, by manual
   optimisation through :class:`AIStep`; the run keeps its state (damping, boundary) between
-  steps, so the iterations are those of :func:`covmodules.fit`;
+  steps and in checkpoints, so the iterations are those of :func:`covmodules.fit`;
 - ``lbfgs``, ``adam``, ``sgd``: the torch optimiser on the loss, whose backward pass runs
   through the covariance modules' closed-form gradients; LBFGS re-evaluates it in a closure.
 
@@ -21,8 +21,6 @@ the final log-likelihood, AIC and BIC (``hp/loglik``, ``hp/aic``, ``hp/bic``).
 from __future__ import annotations
 
 import copy
-import queue
-import threading
 from typing import Callable, Literal, Optional
 
 import lightning as L
@@ -34,7 +32,7 @@ from torch.utils.data import DataLoader
 from torchmetrics import MeanSquaredError, R2Score
 
 from covmodules import CovarianceModule
-from covmodules.fitting import _register, _start
+from covmodules.fitting import start_values
 from covmodules.optim import AIREML
 from covmodules.reml import REML
 from covmodules.results import FitResult
@@ -44,109 +42,39 @@ from .data import Batch, loader
 from .metrics import REMLStatistics
 from .monitoring import blup_values, component_blups, fitted_v_block, heatmap, leaf_covariances
 
-__all__ = ["REMLModule", "AIStep", "AIRunner"]
+__all__ = ["REMLModule", "AIStep"]
 
 OPTIMIZERS = ("ai", "lbfgs", "adam", "sgd")
 _EPOCH = {"on_step": False, "on_epoch": True, "batch_size": 1}
 
 
-class _Stop(Exception):
-    """Ends a suspended AI-REML run."""
-
-
-class AIRunner:
-    """:meth:`covmodules.optim.AIREML.run` advanced one iteration per :meth:`next`.
-
-    The run works in a thread that pauses in AIREML's per-iteration callback, so iterations,
-    damping and boundary handling are those of :func:`covmodules.fit`, step for step. The
-    first ``replay`` iterations run without pausing: resuming from a checkpoint replays the
-    (deterministic) path from the start up to the checkpoint.
-    """
-
-    def __init__(self, objective: REML, start: torch.Tensor, tol: float, replay: int = 0):
-        self.objective, self.start, self.tol, self.replay = objective, start, tol, replay
-        self.replayed: Optional[dict] = None
-        self._to_run: queue.Queue = queue.Queue(maxsize=1)
-        self._results: queue.Queue = queue.Queue(maxsize=1)
-        self._thread: Optional[threading.Thread] = None
-
-    def next(self) -> tuple[str, object]:
-        """``("step", record)`` after one more iteration, or ``("done", AIRun)`` at the end."""
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._work, daemon=True)
-            self._thread.start()
-        else:
-            self._to_run.put(True)
-        kind, value = self._results.get()
-        if kind == "error":
-            raise value
-        return kind, value
-
-    def close(self) -> None:
-        """Stop a run that waits for its next iteration."""
-        if self._thread is not None and self._thread.is_alive():
-            self._to_run.put(False)
-            self._thread.join()
-
-    def _work(self) -> None:
-        try:
-            run = AIREML(self.objective, max_iter=10 ** 9, tol=self.tol,
-                         callback=self._pause).run(self.start)
-            self._results.put(("done", run))
-        except _Stop:
-            pass
-        except BaseException as err:          # handed to the training loop's thread
-            self._results.put(("error", err))
-
-    def _pause(self, record: dict) -> None:
-        if self.replay > 0:
-            self.replay -= 1
-            self.replayed = record
-            return
-        self._results.put(("step", record))
-        if not self._to_run.get():
-            raise _Stop
-
-
 class AIStep(torch.optim.Optimizer):
-    """AI-REML as a torch optimiser: each :meth:`step` is one iteration of an
-    :class:`AIRunner` on ``objective()``, written back to the model's parameters.
+    """AI-REML as a torch optimiser: each :meth:`step` is one :meth:`AIREML.step
+    <covmodules.optim.AIREML.step>` on ``objective()``, written back to the model's parameters.
 
-    :meth:`begin` starts the run at free-scale ``start``; :attr:`last` is what the last step
-    returned (``("step", record)`` or ``("done", AIRun)``).
+    :meth:`begin` starts the run at free-scale ``start`` (or continues a saved run);
+    :attr:`last` is the last step's history record, ``None`` once the run has ended.
     """
 
     def __init__(self, objective: Callable[[], REML], tol: float = 1e-10):
         model = objective().model
         super().__init__([p for p in model.parameters() if p.requires_grad], {})
         self.objective, self.tol = objective, tol
-        self.runner: Optional[AIRunner] = None
-        self.last: Optional[tuple[str, object]] = None
-        self._expected: Optional[torch.Tensor] = None
+        self.run: Optional[AIREML] = None
+        self.last: Optional[dict] = None
 
-    def begin(self, start: torch.Tensor, replay: int = 0) -> None:
-        """Start the run at ``start``, replaying ``replay`` iterations to reach the current
-        parameters (a resumed fit)."""
-        model = self.objective().model
-        self._expected = model._registered_free().detach().clone() if replay else None
-        self.runner = AIRunner(self.objective(), start, self.tol, replay)
+    def begin(self, start: torch.Tensor, saved: Optional[dict] = None) -> None:
+        """Start at ``start``, or continue the run saved by ``AIREML.state_dict``."""
+        self.run = AIREML(self.objective(), max_iter=10 ** 9, tol=self.tol)
+        if saved is None:
+            self.run.start(start)
+        else:
+            self.run.load_state_dict(saved)
 
     @torch.no_grad()
     def step(self, closure=None):
-        kind, value = self.runner.next()
-        if self._expected is not None:
-            replayed = torch.tensor(self.runner.replayed["params"], dtype=torch.float64)
-            if not torch.allclose(replayed, self._expected.to(replayed), rtol=1e-9, atol=1e-12):
-                raise RuntimeError("replaying AI-REML from the checkpoint's start did not reach "
-                                   "its parameters: the data or the model differ")
-            self._expected = None
-        free = torch.tensor(value["params"], dtype=torch.float64) if kind == "step" else value.free
-        _register(self.objective().model, free)
-        self.last = (kind, value)
-
-    def close(self) -> None:
-        if self.runner is not None:
-            self.runner.close()
+        self.last = self.run.step()
+        self.objective().model.set_free_params(self.run.free)
 
 
 class REMLModule(L.LightningModule):
@@ -198,6 +126,7 @@ class REMLModule(L.LightningModule):
         self.result: Optional[FitResult] = None
         self._objective: Optional[REML] = None
         self._start_free: Optional[torch.Tensor] = None
+        self._saved_ai: Optional[dict] = None
         self._previous_loss: Optional[float] = None
         self._epoch_loss, self._step_loss, self._grad_norm = 0.0, None, None
         self._val_beta: Optional[torch.Tensor] = None
@@ -256,10 +185,10 @@ class REMLModule(L.LightningModule):
                             "use adam / sgd")
         if self.trainer.ckpt_path is None and not self.history:
             try:
-                free = _start(self.objective, self.hparams.start)
+                free = start_values(self.objective, self.hparams.start)
             except ValueError as err:
                 raise SpecError(f"model.start: {err}") from None
-            _register(self.covariance, free)
+            self.covariance.set_free_params(free)
             self._start_free = free.clone()
 
     def train_dataloader(self) -> DataLoader:
@@ -291,23 +220,23 @@ class REMLModule(L.LightningModule):
         return loss
 
     def _ai_step(self):
-        opt = self.optimizers()
-        ai = opt.optimizer
-        if ai.runner is None:
-            if self._start_free is None:       # a checkpoint without its start: go on from here
-                ai.begin(self.covariance._registered_free().detach().to(torch.float64))
-            else:
-                ai.begin(self._start_free.to(torch.float64), replay=len(self.history))
-        opt.step()
-        kind, value = ai.last
-        if kind == "step":
-            loglik = value["loglik"]
-            self.log("grad_norm", _f64(value["score_norm"]), **_EPOCH)
+        ai = self.optimizers().optimizer
+        if ai.run is None:
+            start = self._start_free
+            if start is None:                   # resumed: continue the saved run, or from here
+                start = self.covariance.free_params().to(torch.float64)
+            ai.begin(start, self._saved_ai)
+        self.optimizers().step()
+        record = ai.last
+        if record is not None:
+            loglik = record["loglik"]
+            self.log("grad_norm", _f64(record["score_norm"]), **_EPOCH)
             for key in ("step", "halvings", "decrement"):
-                self.log(f"ai/{key}", _f64(value[key]), **_EPOCH)
-            self.history.append(dict(value))
+                self.log(f"ai/{key}", _f64(record[key]), **_EPOCH)
+            self.history.append(dict(record))
         else:
-            loglik, self.converged, self.boundary = value.loglik, value.converged, value.boundary
+            run = ai.run.result()
+            loglik, self.converged, self.boundary = run.loglik, run.converged, run.boundary
             self.trainer.should_stop = True
         self.log("loss", _f64(-loglik), prog_bar=True, **_EPOCH)
         self.log("loglik", _f64(loglik), prog_bar=True, **_EPOCH)
@@ -354,20 +283,11 @@ class REMLModule(L.LightningModule):
                 self._log_images(logger.experiment)
 
     def on_train_end(self) -> None:
-        self._close_runner()
         if not self.converged:
             rank_zero_warn(f"the REML fit stopped after {len(self.history)} steps without "
                            "converging; raise trainer.max_epochs")
         self.result = self.fit_result()
         self._log_final(self.result)
-
-    def on_exception(self, exception: BaseException) -> None:
-        self._close_runner()
-
-    def _close_runner(self) -> None:
-        for opt in self.trainer.optimizers:
-            if isinstance(opt, AIStep):
-                opt.close()
 
     def fit_result(self) -> FitResult:
         """The :class:`~covmodules.results.FitResult` at the current parameters (on the CPU)."""
@@ -376,7 +296,7 @@ class REMLModule(L.LightningModule):
             model = copy.deepcopy(self.covariance).cpu()
             objective = REML(model, self.y.cpu(), self.X.cpu(), x_names=self.x_names,
                              method=self.method)
-        free = objective.model._registered_free().detach().to(torch.float64)
+        free = objective.model.free_params().to(torch.float64)
         state = objective.state(free)
         ai = objective.average_information(free, state)
         return FitResult(objective, free, state, ai, self.converged, len(self.history),
@@ -411,7 +331,7 @@ class REMLModule(L.LightningModule):
 
     # --------------------------------------------------------------- validation
     def on_validation_epoch_start(self) -> None:
-        free = self.covariance._registered_free().detach().to(torch.float64)
+        free = self.covariance.free_params().to(torch.float64)
         self._val_beta = self.objective.state(free).beta
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
@@ -422,7 +342,7 @@ class REMLModule(L.LightningModule):
         self.val_mse.update(prediction, y)
         self.val_r2.update(prediction, y)
         with torch.no_grad():
-            V = p.model(self.covariance._registered_free().detach().to(torch.float64))
+            V = p.model(self.covariance.free_params().to(torch.float64))
         self.val_loglik.update(V, y, X)
 
     def on_validation_epoch_end(self) -> None:
@@ -472,9 +392,11 @@ class REMLModule(L.LightningModule):
     # ---------------------------------------------------------------- checkpoint
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         start = None if self._start_free is None else self._start_free.tolist()
+        ai = getattr(self.optimizers(use_pl_optimizer=False), "run", None) \
+            if self._trainer is not None and self.trainer.optimizers else None
         checkpoint["reml"] = {"history": self.history, "converged": self.converged,
                               "boundary": self.boundary, "previous_loss": self._previous_loss,
-                              "start": start}
+                              "start": start, "ai": None if ai is None else ai.state_dict()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("reml", {})
@@ -484,6 +406,7 @@ class REMLModule(L.LightningModule):
         self._previous_loss = state.get("previous_loss")
         start = state.get("start")
         self._start_free = None if start is None else torch.tensor(start, dtype=torch.float64)
+        self._saved_ai = state.get("ai")
 
 
 def _f64(value) -> torch.Tensor:
