@@ -1,5 +1,5 @@
 """Covariance layers inside deep models: losses against dense references, gradients, BLUPs,
-training on a simulated problem, input errors and the group sampler."""
+training on a simulated problem, input errors, the group sampler and the Lightning module."""
 
 import math
 
@@ -414,3 +414,16 @@ def test_group_batch_sampler_yields_whole_groups_once_per_epoch():
     with pytest.raises(ValueError, match="non-negative"):
         GroupBatchSampler([0, -1], 1)
 
+
+# ----------------------------------------------------------------------------- Lightning
+def test_lightning_config_trains_and_logs_to_tensorboard(tmp_path):
+    from training.deep import main
+
+    cli = main(["fit", "--config", "configs/lmmnn.yaml", "--data.n", "600", "--data.q", "12",
+                "--trainer.max_epochs", "2", "--trainer.enable_progress_bar", "false",
+                "--trainer.enable_checkpointing", "false",
+                "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    assert cli.model.layer.num_levels == 12
+    metrics = cli.trainer.logged_metrics
+    assert {"nll", "val_mse", "sigma2/intercept", "sigma2/residual"} <= set(metrics)
+    assert list(tmp_path.rglob("events.out.tfevents.*"))
