@@ -9,6 +9,7 @@ import torch
 
 from .base import CovarianceModule
 from .optim import AIREML, scale_start
+from .distributed import ShardedREML, world_size
 from .reml import REML
 from .results import FitResult
 
@@ -17,13 +18,16 @@ __all__ = ["fit", "start_values"]
 OPTIMIZERS = ("ai", "lbfgs", "adam", "sgd")
 
 
-def fit(model: CovarianceModule, y, X=None, *, x_names=None, method: str = "ai",
+def fit(model: CovarianceModule | ShardedREML, y=None, X=None, *, x_names=None, method: str = "ai",
         reml: bool = True, start=None, max_iter: int | None = None, tol: float = 1e-10,
         lr: float = 0.05, solver=None, callback=None) -> FitResult:
     """Fit the covariance parameters of ``y = X b + e``, ``Var(y) = V`` by REML (or ML).
 
     Args:
-        model: a covariance module for ``V`` (e.g. a :class:`~covmodules.MixedModel`).
+        model: a covariance module for ``V`` (e.g. a :class:`~covmodules.MixedModel`), or a
+            :class:`~covmodules.distributed.ShardedREML` objective (then ``y``, ``X``,
+            ``x_names``, ``reml`` and ``solver`` come from it): under ``torch.distributed``
+            every process runs the same fit and ends at the same estimates.
         y: response ``(n,)``; X: fixed-effects design ``(n, p)`` (``None``: intercept only).
         x_names: names of the columns of ``X``.
         method: ``"ai"`` (AI-REML, default), ``"lbfgs"``, ``"adam"`` or ``"sgd"``.
@@ -56,8 +60,11 @@ def fit(model: CovarianceModule, y, X=None, *, x_names=None, method: str = "ai",
     """
     if method not in OPTIMIZERS:
         raise ValueError(f"method must be one of {OPTIMIZERS}, got {method!r}")
-    objective = REML(model, y, X, x_names=x_names, method="reml" if reml else "ml",
-                     solver=solver)
+    if isinstance(model, ShardedREML):
+        objective, model = model, model.model
+    else:
+        objective = REML(model, y, X, x_names=x_names, method="reml" if reml else "ml",
+                         solver=solver)
     free = start_values(objective, start)
     if method == "ai":
         run = AIREML(objective, max_iter=50 if max_iter is None else max_iter, tol=tol,
@@ -109,6 +116,10 @@ def _torch_fit(objective, free, method, max_iter, tol, lr, callback):
         opt.zero_grad()
         loss = objective.loss()
         loss.backward()
+        if world_size() > 1:           # what DDP does: average the processes' gradients
+            for p in params:
+                torch.distributed.all_reduce(p.grad)
+                p.grad /= world_size()
         return loss.detach()
 
     history, previous, converged = [], math.inf, False

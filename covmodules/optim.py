@@ -92,8 +92,7 @@ class AIREML:
         self.names = model.free_param_names
         self.kinds = [_kind(t) for t in model.free_param_trans]
         self.transforms = model.free_param_trans
-        resid = objective.y - objective.X @ torch.linalg.lstsq(objective.X, objective.y).solution
-        self.data_variance = max(float(resid.var()), 1e-300)
+        self.data_variance = objective.residual_variance()
 
     # ---------------------------------------------------------------- pieces
     def _state(self, free):
@@ -184,7 +183,7 @@ class AIREML:
             if active[k] or self.kinds[k] != "variance" or released[k] >= 2:
                 continue
             slope = float(score[k] / self.transforms[k].derivative(free[k]))
-            if slope * self.data_variance > 1e-6 * len(self.objective.y):
+            if slope * self.data_variance > 1e-6 * self.objective.n:
                 target = 1e-2 * self.data_variance
                 target = math.sqrt(target) if isinstance(self.transforms[k], Exp) else target
                 free[k] = self.transforms[k].inverse(torch.tensor(target, dtype=torch.float64))
@@ -340,8 +339,7 @@ def scale_start(objective: REML) -> torch.Tensor:
     mask = torch.tensor([k == "variance" for k in kinds])
     if not bool(mask.any()):
         return free
-    resid = objective.y - objective.X @ torch.linalg.lstsq(objective.X, objective.y).solution
-    base = 0.5 * math.log(max(float(resid.var()), 1e-300))
+    base = 0.5 * math.log(objective.residual_variance())
     best, best_loss = free, math.inf
     for shift in [base + 0.5 * math.log(10.0) * j for j in range(-4, 3)]:
         candidate = torch.where(mask, free + shift, free)

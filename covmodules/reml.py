@@ -79,6 +79,12 @@ class REML:
     def p(self) -> int:
         return self.X.shape[1]
 
+    def residual_variance(self) -> float:
+        """Variance of the OLS residuals of ``y`` on ``X``: the data's scale, for start values
+        and boundary thresholds."""
+        resid = self.y - self.X @ torch.linalg.lstsq(self.X, self.y).solution
+        return max(float(resid.var()), 1e-300)
+
     def loss(self, free_params=None) -> torch.Tensor:
         """``-l`` at the registered parameters (gradients reach them) or at ``free_params``."""
         out = self.solver.loss(free_params, self.y, self.X, self.method)

@@ -137,7 +137,7 @@ class FitResult:
     def blups(self) -> dict[str, pd.DataFrame]:
         """BLUPs ``G Zᵀ P y`` of each random term, one row per level when levels are known."""
         model = self.model
-        if not isinstance(model, MixedModel):
+        if not isinstance(model, MixedModel) or not hasattr(self.state, "Py"):
             return {}
         out = {}
         with torch.no_grad():
@@ -150,6 +150,9 @@ class FitResult:
 
     def fitted(self, conditional: bool = True) -> np.ndarray:
         """``X b̂`` (marginal) or ``X b̂ + Σ Z û`` (conditional) for the fitted data."""
+        if not hasattr(self.objective, "X"):
+            raise ValueError("a sharded fit has no single data set: predict each shard with "
+                             "its own model at result.free")
         X = self.objective.X.to(self.state.beta)
         out = X @ self.state.beta
         model = self.model
