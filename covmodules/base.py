@@ -84,6 +84,10 @@ class CovarianceModule(nn.Module, abc.ABC):
     def _evaluate(self, nat: torch.Tensor) -> torch.Tensor:
         """The matrix at natural-scale parameters ``nat`` (all parameters, flat order)."""
 
+    def _matmul(self, nat: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+        """``V @ W`` (dense by default; structures override it to avoid forming ``V``)."""
+        return self._evaluate(nat) @ W
+
     def _jacobian(self, nat: torch.Tensor) -> torch.Tensor:
         """``(num_params, *shape)`` natural-scale derivatives."""
         eye = torch.eye(self.shape[1], dtype=nat.dtype, device=nat.device)
@@ -337,6 +341,18 @@ class CovarianceModule(nn.Module, abc.ABC):
         if self.num_free_params == 0:
             return self._evaluate(self._natural(self._full_raw(free)))
         return CovarianceFunction.apply(free, self)
+
+    def matmul(self, W: torch.Tensor, free_params=None) -> torch.Tensor:
+        """``V @ W`` at the registered (or given) parameters, without autograd; structured
+        modules (Kronecker, scalar, identity, sums of them) never form ``V``."""
+        if not isinstance(W, torch.Tensor) or W.dim() not in (1, 2) or W.shape[0] != self.shape[1]:
+            raise ValueError(f"W must be a tensor of shape ({self.shape[1]},) or "
+                             f"({self.shape[1]}, r)")
+        free = self._resolve_free(free_params)
+        with torch.no_grad():
+            nat = self._natural(self._full_raw(free))
+            out = self._matmul(nat, W.reshape(W.shape[0], -1).to(nat.dtype))
+        return out[:, 0] if W.dim() == 1 else out
 
     def trans_grad(self, free_params=None) -> torch.Tensor:
         """Element-wise derivative of the free parameters' transforms at ``free_params``."""

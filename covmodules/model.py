@@ -7,6 +7,8 @@ from torch import nn
 
 from .base import CovarianceModule
 from .operators.base import Operator
+from .structures.block_design import BlockDesignMatrix
+from .structures.design_matrix import DesignMatrix
 from .structures.fixed import FixedMatrix
 
 __all__ = ["MixedModel"]
@@ -45,19 +47,16 @@ class MixedModel(Operator):
             raise ValueError("residual is required: a covariance module such as ScalarMatrix(n)")
         if "residual" in random:
             raise ValueError("'residual' is reserved for the residual term; rename the random term")
-        covariances, designs, levels, terms, grouped = {}, {}, {}, {}, {}
+        covariances, designs, levels, terms = {}, {}, {}, {}
         for name, term in random.items():
             if not (isinstance(term, tuple) and len(term) == 2):
                 raise TypeError(f"random[{name!r}] must be a tuple (Z, G)")
             Z, G = term
             levels[name], terms[name] = getattr(Z, "levels", None), getattr(Z, "terms", None)
-            if hasattr(Z, "group_codes") and hasattr(Z, "term_matrix"):
-                grouped[name] = (Z.group_codes, Z.term_matrix)
-            designs[name], covariances[name] = _design_module(name, getattr(Z, "Z", Z)), G
+            designs[name], covariances[name] = _design_module(name, Z), G
         super().__init__({**covariances, "residual": residual})
         self.designs = nn.ModuleDict(designs)
         self.levels, self.terms = levels, terms
-        self._term_rows = grouped
         n = self.shape[0]
         for name, Z in self.designs.items():
             rows, cols = Z.shape
@@ -92,20 +91,15 @@ class MixedModel(Operator):
 
         Row ``i`` of ``Z`` is ``values[i]`` in the columns ``level[i] k, ..., level[i] k + k-1``
         and zero elsewhere (``level[i] = -1`` for a row of zeros); ``None`` when ``Z`` has
-        another pattern. No dense ``Z`` is formed for a ``DesignMatrix`` or a design from
-        :func:`covmodules.design.random_design`.
+        another pattern. No dense ``Z`` is formed for a block design (a ``DesignMatrix`` or a
+        design from :func:`covmodules.design.random_design`).
         """
         module = self.designs[name]
         n, q = module.shape
         if q % k:
             return None
-        if name in self._term_rows:
-            codes, values = self._term_rows[name]
-            if values.shape[1] == k:
-                return codes.long(), values
-        codes = getattr(module, "codes", None)
-        if k == 1 and isinstance(codes, torch.Tensor) and codes.shape == (n,):
-            return codes, torch.ones(n, 1, dtype=module._dtype())
+        if isinstance(module, BlockDesignMatrix):
+            return (module.codes, module.values) if module.k == k else None
         Z = self.design(name).reshape(n, q // k, k)
         nonzero = (Z != 0).any(2)
         count = nonzero.sum(1)
@@ -115,31 +109,56 @@ class MixedModel(Operator):
         values = Z[torch.arange(n), level.clamp(min=0)] * (count == 1)[:, None]
         return level, values
 
-    def _designs(self, dtype):
-        return [self.design(name).to(dtype) for name in self.term_names]
+    def z_matmul(self, name: str, W: torch.Tensor) -> torch.Tensor:
+        """``Z W`` for random term ``name`` (no dense ``Z`` for a block design)."""
+        Z = self.designs[name]
+        if isinstance(Z, BlockDesignMatrix):
+            return Z.matmul(W)
+        return self.design(name).to(W) @ W
+
+    def zt_matmul(self, name: str, W: torch.Tensor) -> torch.Tensor:
+        """``Zᵀ W`` for random term ``name``."""
+        Z = self.designs[name]
+        if isinstance(Z, BlockDesignMatrix):
+            return Z.rmatmul(W)
+        return self.design(name).to(W).T @ W
+
+    def _terms(self, nat):
+        """``(name, G module, its parameters)`` of each random term."""
+        *parts, _ = self._split(nat)
+        return zip(self.term_names, self.operand_modules[:-1], parts)
 
     def _evaluate(self, nat):
         *Gs, R = self._operand_values(nat)
         V = R.clone()
-        for Z, G in zip(self._designs(nat.dtype), Gs):
-            V += Z @ G @ Z.T
+        for name, G in zip(self.term_names, Gs):
+            ZG = self.z_matmul(name, G.to(V))                         # (n, q)
+            V += self.z_matmul(name, ZG.T)                            # Z (Z G)ᵀ = Z Gᵀ Zᵀ
         return V
 
     def _vjp(self, nat, G):
-        *parts, part_r = self._split(nat)
-        *gs, r = self.operand_modules
-        out = [g._vjp(p, Z.T @ G @ Z) for g, p, Z in zip(gs, parts, self._designs(nat.dtype))]
-        return torch.cat(out + [r._vjp(part_r, G)])
+        out = []
+        for name, g, part in self._terms(nat):
+            ZtG = self.zt_matmul(name, G)                             # (q, n)
+            out.append(g._vjp(part, self.zt_matmul(name, ZtG.T).T))  # Zᵀ G Z
+        return torch.cat(out + [self.operand_modules[-1]._vjp(self._split(nat)[-1], G)])
 
     def _dv_matmul(self, nat, W, transpose=False):
-        *parts, part_r = self._split(nat)
-        *gs, r = self.operand_modules
-        out = [Z @ g._dv_matmul(p, Z.T @ W, transpose)
-               for g, p, Z in zip(gs, parts, self._designs(nat.dtype))]
-        return torch.cat(out + [r._dv_matmul(part_r, W, transpose)])
+        out = []
+        for name, g, part in self._terms(nat):
+            inner = g._dv_matmul(part, self.zt_matmul(name, W), transpose)   # (K, q, r)
+            K, q, r = inner.shape
+            rows = self.z_matmul(name, inner.permute(1, 0, 2).reshape(q, K * r))
+            out.append(rows.reshape(-1, K, r).permute(1, 0, 2))
+        return torch.cat(out + [self.operand_modules[-1]._dv_matmul(self._split(nat)[-1], W,
+                                                                     transpose)])
 
 
 def _design_module(name: str, Z) -> CovarianceModule:
+    if hasattr(Z, "group_codes") and hasattr(Z, "term_matrix"):       # design.random_design
+        return BlockDesignMatrix(Z.group_codes, Z.term_matrix, Z.num_levels)
+    if isinstance(Z, DesignMatrix):
+        return BlockDesignMatrix(Z.codes, torch.ones(Z.shape[0], 1), Z.shape[1])
     if isinstance(Z, CovarianceModule):
         if Z.num_free_params:
             raise ValueError(f"Z of random term {name!r} must have no free parameters")

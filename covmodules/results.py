@@ -141,12 +141,16 @@ class FitResult:
             return {}
         out = {}
         with torch.no_grad():
-            for name in model.term_names:
-                Z = model.design(name).to(self.state.Py)
-                u = model._modules[name]().to(self.state.Py) @ (Z.T @ self.state.Py)
+            for name, u in self._blup_vectors().items():
                 out[name] = _blup_frame(u.numpy(), model.levels.get(name),
                                         model.terms.get(name))
         return out
+
+    def _blup_vectors(self) -> dict[str, torch.Tensor]:
+        """``û = G Zᵀ P y`` per random term, through structured products (no dense ``Z``)."""
+        model, Py = self.model, self.state.Py[:, None]
+        return {name: model._modules[name].matmul(model.zt_matmul(name, Py).to(Py))[:, 0]
+                for name in model.term_names}
 
     def fitted(self, conditional: bool = True) -> np.ndarray:
         """``X b̂`` (marginal) or ``X b̂ + Σ Z û`` (conditional) for the fitted data."""
@@ -158,9 +162,8 @@ class FitResult:
         model = self.model
         if conditional and isinstance(model, MixedModel):
             with torch.no_grad():
-                for name in model.term_names:
-                    Z = model.design(name).to(out)
-                    out = out + Z @ (model._modules[name]().to(out) @ (Z.T @ self.state.Py))
+                for name, u in self._blup_vectors().items():
+                    out = out + model.z_matmul(name, u[:, None].to(out))[:, 0]
         return out.numpy()
 
     def residuals(self, conditional: bool = True) -> np.ndarray:

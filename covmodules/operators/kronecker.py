@@ -42,6 +42,15 @@ class KroneckerProduct(Operator):
         (A, B), _ = self._factors(nat)
         return torch.kron(A, B)
 
+    def _matmul(self, nat, W):
+        """``(A ⊗ B) vec(W) = vec(A W Bᵀ)`` through the operands' own products."""
+        a, b = self.operand_modules
+        na, nb = self._split(nat)
+        (m1, m2), (n1, n2), r = a.shape, b.shape, W.shape[1]
+        M = b._matmul(nb, W.reshape(m2, n2, r).transpose(0, 1).reshape(n2, m2 * r))
+        M = M.reshape(n1, m2, r).transpose(0, 1).reshape(m2, n1 * r)
+        return a._matmul(na, M).reshape(m1 * n1, r)
+
     def _vjp(self, nat, G):
         (A, B), (na, nb) = self._factors(nat)
         a, b = self.operand_modules

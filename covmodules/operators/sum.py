@@ -39,6 +39,9 @@ class Sum(Operator):
             out.add_(op._evaluate(part))
         return out
 
+    def _matmul(self, nat, W):
+        return sum(op._matmul(part, W) for op, part in zip(self.operand_modules, self._split(nat)))
+
     def _vjp(self, nat, G):
         return torch.cat([op._vjp(part, G)
                           for op, part in zip(self.operand_modules, self._split(nat))])

@@ -1,6 +1,7 @@
 """Leaf covariance structures, one per file."""
 
 from .ar1 import AR1Matrix
+from .block_design import BlockDesignMatrix
 from .car1 import CAR1Matrix
 from .compound_symmetric import CompoundSymmetricMatrix
 from .design_matrix import DesignMatrix
@@ -17,7 +18,7 @@ from .simple import SimpleMatrix
 from .toeplitz import ToeplitzMatrix
 from .unconstrained import UnconstrainedMatrix
 
-__all__ = ["AR1Matrix", "CAR1Matrix", "CompoundSymmetricMatrix", "DesignMatrix",
+__all__ = ["AR1Matrix", "BlockDesignMatrix", "CAR1Matrix", "CompoundSymmetricMatrix", "DesignMatrix",
            "DiagonalMatrix", "EqualEntryMatrix", "EquicorrelationMatrix",
            "FactorAnalyticMatrix", "FixedMatrix", "IdentityMatrix", "KnownMatrix",
            "LowerTriangularMatrix", "ScalarMatrix", "SimpleMatrix", "ToeplitzMatrix",

@@ -36,6 +36,9 @@ class ScalarMatrix(Structure):
     def _jacobian(self, nat):
         return torch.eye(self.n, dtype=nat.dtype, device=nat.device)[None]
 
+    def _matmul(self, nat, W):
+        return nat[0] * W
+
     def _vjp(self, nat, G):
         return torch.diagonal(G).sum()[None]
 

@@ -1,0 +1,96 @@
+r"""Design matrix with one block of ``k`` columns per level: random intercepts and slopes.
+
+.. math:: Z_{i,\, c_i k + a} = v_{ia}, \quad a < k, \qquad Z \in \mathbb{R}^{n \times Lk},
+
+zero elsewhere: row ``i`` belongs to level ``c_i`` and carries its ``k`` term values ``v_i``
+(``1`` for an intercept, the covariate for a slope). Only ``c`` and ``v`` are stored, so
+``Z W`` and ``Zᵀ W`` cost ``O(n k r)`` and no ``n x Lk`` matrix is formed outside
+:meth:`_evaluate`. It has no parameters.
+"""
+
+import torch
+
+from ..base import Structure
+from ..validation import check_size
+
+__all__ = ["BlockDesignMatrix", "block_matmul", "block_rmatmul"]
+
+
+def block_matmul(codes, values, num_levels: int, W: torch.Tensor) -> torch.Tensor:
+    """``Z W`` for ``W`` of shape ``(L k, r)``."""
+    k = values.shape[1]
+    blocks = W.reshape(num_levels, k, -1)[codes]                 # (n, k, r)
+    return torch.einsum("nk,nkr->nr", values.to(W.dtype), blocks)
+
+
+def block_rmatmul(codes, values, num_levels: int, W: torch.Tensor) -> torch.Tensor:
+    """``Zᵀ W`` for ``W`` of shape ``(n, r)``."""
+    k, r = values.shape[1], W.shape[1]
+    out = W.new_zeros(num_levels, k, r)
+    out.index_add_(0, codes, values.to(W.dtype)[:, :, None] * W[:, None, :])
+    return out.reshape(num_levels * k, r)
+
+
+class BlockDesignMatrix(Structure):
+    """``Z`` from level codes ``c`` (``n``) and term values ``v`` (``n x k``), ``L`` levels.
+
+    Example (random intercept and slope for 2 subjects)::
+
+        >>> import torch
+        >>> from covmodules import BlockDesignMatrix
+        >>> Z = BlockDesignMatrix(torch.tensor([0, 0, 1]),
+        ...                       torch.tensor([[1.0, 0.0], [1.0, 1.0], [1.0, 0.0]]), 2)
+        >>> Z()
+        tensor([[1., 0., 0., 0.],
+                [1., 1., 0., 0.],
+                [0., 0., 1., 0.]], dtype=torch.float64)
+    """
+
+    def __init__(self, codes, values, num_levels: int):
+        super().__init__()
+        self.num_levels = check_size(num_levels, "num_levels")
+        codes = torch.as_tensor(codes)
+        values = torch.as_tensor(values)
+        if codes.dim() != 1 or codes.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"codes must be a 1-D integer tensor, got {codes.dtype} of shape "
+                             f"{tuple(codes.shape)}")
+        if values.dim() == 1:
+            values = values[:, None]
+        if values.dim() != 2 or values.shape[0] != codes.shape[0]:
+            raise ValueError(f"values must have shape ({codes.shape[0]}, k), "
+                             f"got {tuple(values.shape)}")
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.num_levels):
+            raise ValueError(f"codes must lie in [0, {self.num_levels - 1}]")
+        if not bool(torch.isfinite(values).all()):
+            raise ValueError("values contains NaN or inf")
+        self.register_buffer("codes", codes.long())
+        self.register_buffer("values", values.to(torch.float64))
+
+    @property
+    def k(self) -> int:
+        return self.values.shape[1]
+
+    @property
+    def shape(self):
+        return (self.codes.shape[0], self.num_levels * self.k)
+
+    def matmul(self, W: torch.Tensor) -> torch.Tensor:
+        """``Z W``."""
+        return block_matmul(self.codes, self.values, self.num_levels, W)
+
+    def rmatmul(self, W: torch.Tensor) -> torch.Tensor:
+        """``Zᵀ W``."""
+        return block_rmatmul(self.codes, self.values, self.num_levels, W)
+
+    def _evaluate(self, nat):
+        eye = torch.eye(self.shape[1], dtype=nat.dtype, device=self.codes.device)
+        return self.matmul(eye)
+
+    def _jacobian(self, nat):
+        return nat.new_zeros(0, *self.shape)
+
+    def _dv_matmul(self, nat, W, transpose=False):
+        return W.new_zeros(0, self.shape[1] if transpose else self.shape[0], W.shape[1])
+
+    def extra_repr(self):
+        return f"shape={self.shape}, levels={self.num_levels}, k={self.k}"
