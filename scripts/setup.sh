@@ -9,6 +9,6 @@ PY=${PYTHON:-python3}
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/pip install --quiet torch==2.13.0
 fi
-if ! .venv/bin/python -c "import covmodules, lightning, torchmetrics, tensorboard, pandas, pytest" 2>/dev/null; then
+if ! .venv/bin/python -c "import covmodules, training, lightning, torchmetrics, tensorboard, pandas, pytest, jsonargparse" 2>/dev/null; then
   .venv/bin/pip install --quiet -e ".[dev]"
 fi
