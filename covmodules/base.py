@@ -309,6 +309,17 @@ class CovarianceModule(nn.Module, abc.ABC):
             out[j] = t.derivative(free[j])
         return out
 
+    def _differentiable_free(self, free_params) -> torch.Tensor:
+        """The registered free parameters (checked finite; gradients reach them) or the
+        checked ``free_params``."""
+        if free_params is not None:
+            return self._check_free(free_params)
+        free = self._registered_free()
+        if not bool(torch.isfinite(free.detach()).all()):
+            raise ValueError(f"{type(self).__name__}: parameters contain NaN or inf: "
+                             f"{dict(zip(self.free_param_names, free.tolist()))}")
+        return free
+
     def _resolve_free(self, free_params) -> torch.Tensor:
         if free_params is None:
             return self._registered_free().detach()
@@ -331,13 +342,7 @@ class CovarianceModule(nn.Module, abc.ABC):
         ``{name: value}``; the registered parameters are left untouched. Gradients flow
         to whichever was used, through the closed-form backward.
         """
-        if free_params is None:
-            free = self._registered_free()
-            if not bool(torch.isfinite(free.detach()).all()):
-                raise ValueError(f"{type(self).__name__}: parameters contain NaN or inf: "
-                                 f"{dict(zip(self.free_param_names, free.tolist()))}")
-        else:
-            free = self._check_free(free_params)
+        free = self._differentiable_free(free_params)
         if self.num_free_params == 0:
             return self._evaluate(self._natural(self._full_raw(free)))
         return CovarianceFunction.apply(free, self)

@@ -221,10 +221,7 @@ class ShardedREML:
         Backward returns ``world_size ×`` this process's share of the gradient, so that DDP's
         gradient averaging gives every process the exact full-data gradient.
         """
-        model = self.model
-        free = model._registered_free() if free_params is None else model._check_free(
-            free_params)
-        return ShardedNegLogLik.apply(free, self)
+        return ShardedNegLogLik.apply(self.model._differentiable_free(free_params), self)
 
     def loglik(self, free_params=None) -> float:
         return -float(self.state(free_params).neg_loglik)

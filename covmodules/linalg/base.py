@@ -152,6 +152,19 @@ def gls(factor: Factor, y: torch.Tensor, X: torch.Tensor, method: str) -> GLSSta
     return GLSState(factor, Xw, LA, beta, rw, Py, neg, method)
 
 
+def data_cotangents(state, grad, need_y: bool, need_X: bool):
+    """Cotangents of ``y`` and ``X`` in ``-l``: ``P y`` and ``-P y b̂ᵀ + V⁻¹X (XᵀV⁻¹X)⁻¹``
+    (REML; ML without the second term), times ``grad``; ``None`` where not needed."""
+    gy = grad * state.Py if need_y else None
+    gX = None
+    if need_X:
+        gX = -torch.outer(state.Py, state.beta)
+        if state.method == "reml":
+            gX += state.solve_x() @ state.cov_beta
+        gX *= grad
+    return gy, gX
+
+
 class StructuredNegLogLik(torch.autograd.Function):
     """``-l(θ, y, X)`` through a structured solver; backward in closed form.
 
@@ -171,17 +184,10 @@ class StructuredNegLogLik(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):
         (free,) = ctx.saved_tensors
-        s = ctx.state
-        g_free = gy = gX = None
+        g_free = None
         if ctx.needs_input_grad[0]:
-            g_free = ctx.solver.gradient(free, s) * grad
-        if ctx.needs_input_grad[1]:
-            gy = grad * s.Py
-        if ctx.needs_input_grad[2]:
-            gX = -torch.outer(s.Py, s.beta)
-            if s.method == "reml":
-                gX += s.solve_x() @ s.cov_beta
-            gX *= grad
+            g_free = ctx.solver.gradient(free, ctx.state) * grad
+        gy, gX = data_cotangents(ctx.state, grad, *ctx.needs_input_grad[1:3])
         return g_free, gy, gX, None, None
 
 
@@ -209,14 +215,7 @@ class StructuredSolver(Solver):
         """``∂(-l)/∂θ`` over all parameters on the natural scale."""
 
     def loss(self, free_params, y, X, method):
-        model = self.model
-        if free_params is None:
-            free = model._registered_free()
-            if not bool(torch.isfinite(free.detach()).all()):
-                raise ValueError(f"{type(model).__name__}: parameters contain NaN or inf: "
-                                 f"{dict(zip(model.free_param_names, free.tolist()))}")
-        else:
-            free = model._check_free(free_params)
+        free = self.model._differentiable_free(free_params)
         return StructuredNegLogLik.apply(free, y.to(free.dtype), X.to(free.dtype), self, method)
 
     def state(self, free, y, X, method) -> GLSState:

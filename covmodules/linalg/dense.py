@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch.autograd.function import once_differentiable
 
-from .base import NotPositiveDefiniteError, Solver
+from .base import NotPositiveDefiniteError, Solver, data_cotangents
 
 __all__ = ["DenseSolver", "DenseState", "factorize", "cotangent_v", "NegLogLikFunction"]
 
@@ -90,17 +90,8 @@ class NegLogLikFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        s = ctx.state
-        gV = gy = gX = None
-        if ctx.needs_input_grad[0]:
-            gV = cotangent_v(s) * grad
-        if ctx.needs_input_grad[1]:
-            gy = grad * s.Py
-        if ctx.needs_input_grad[2]:
-            gX = -torch.outer(s.Py, s.beta)
-            if s.method == "reml":
-                gX += s.solve_x() @ s.cov_beta
-            gX *= grad
+        gV = cotangent_v(ctx.state) * grad if ctx.needs_input_grad[0] else None
+        gy, gX = data_cotangents(ctx.state, grad, *ctx.needs_input_grad[1:3])
         return gV, gy, gX, None
 
 
