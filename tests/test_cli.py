@@ -21,13 +21,7 @@ CONFIGS = {"field_trial": "data/sim_field_40x40.csv", "sleepstudy": "tests/data/
            "ovary": "tests/data/Ovary.csv"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small models: one intra-op thread is fastest and keeps timings stable on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def args(name, *extra, command="fit"):

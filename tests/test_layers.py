@@ -263,14 +263,6 @@ def small_net():
                          nn.Linear(32, 1))
 
 
-@pytest.fixture
-def one_thread():
-    """Small networks train fastest, and steadiest on a busy machine, on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def test_training_recovers_variance_components_and_beats_ignoring_the_groups(one_thread):
     torch.manual_seed(0)

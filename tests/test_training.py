@@ -26,13 +26,7 @@ SPECS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small models: one intra-op thread is fastest and keeps timings stable on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def problem(name):

@@ -15,13 +15,7 @@ GRID = {"response": "y", "fixed": ["block"],
         "residual": {"structure": "ar1xar1_nugget", "row": "row", "col": "col"}}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small models: one intra-op thread is fastest and keeps timings stable on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_field(rows=8, cols=6, seed=0):
