@@ -68,7 +68,7 @@ from .operators import Grouped, KroneckerProduct, Sum
 from .structures import (AR1Matrix, CAR1Matrix, CompoundSymmetricMatrix, DiagonalMatrix,
                          IdentityMatrix, ScalarMatrix, UnconstrainedMatrix)
 
-__all__ = ["SpecError", "ModelSpec", "RandomSpec", "ResidualSpec", "Problem",
+__all__ = ["SpecError", "ModelSpec", "RandomSpec", "ResidualSpec", "Problem", "TimeAxis",
            "RESIDUAL_STRUCTURES", "RANDOM_STRUCTURES"]
 
 RESIDUAL_STRUCTURES = {"scalar": (), "identity": (), "ar1": ("subject", "time"),
@@ -239,10 +239,13 @@ class ModelSpec:
                   f"{int((~np.isfinite(y)).sum())} missing or infinite value(s)")
         return torch.tensor(y)
 
-    def covariance(self, frame: pd.DataFrame) -> MixedModel:
-        """The covariance model ``V = Σ Z G Zᵀ + R`` of the rows of ``frame``."""
+    def covariance(self, frame: pd.DataFrame, axis: "TimeAxis | None" = None) -> MixedModel:
+        """The covariance model ``V = Σ Z G Zᵀ + R`` of the rows of ``frame``.
+
+        ``axis`` (:meth:`time_axis` of the data ``frame``'s rows come from, restricted to
+        them) gives the residual's time positions and size; by default those of ``frame``."""
         random = {name: self._random_term(name, r, frame) for name, r in self.random.items()}
-        model = MixedModel(random=random, residual=self._residual(frame))
+        model = MixedModel(random=random, residual=self._residual(frame, axis))
         for name, value in self.fix.items():
             if name not in model.param_names:
                 _fail(f"{self.prefix}fix.{name}: unknown parameter; the model's parameters "
@@ -253,17 +256,23 @@ class ModelSpec:
                 _fail(f"{self.prefix}fix.{name}: {err}")
         return model
 
-    def problem(self, frame: pd.DataFrame, rows=None, design=None) -> Problem:
+    def problem(self, frame: pd.DataFrame, rows=None, design=None,
+                axis: "TimeAxis | None" = None) -> Problem:
         """The :class:`Problem` of ``frame`` (prepared), or of its positional ``rows``.
 
-        ``design`` (built on all of ``frame``) keeps the columns of X the same across row
-        subsets."""
+        ``design`` and ``axis`` (:meth:`design` and :meth:`time_axis` of all of ``frame``,
+        built once when many subsets are taken) keep the columns of X and the residual's time
+        positions the same across row subsets, so every batch of whole groups has the
+        parameters, and the structure, of the whole data."""
         design = self.design(frame) if design is None else design
         X = design.matrix
         if rows is not None:
+            axis = self.time_axis(frame) if axis is None else axis
             rows = np.asarray(rows)
-            frame, X = frame.iloc[rows], X[torch.as_tensor(rows, dtype=torch.long)]
-        return Problem(self.covariance(frame), self.response_vector(frame), X,
+            index = torch.as_tensor(rows, dtype=torch.long)
+            frame, X = frame.iloc[rows], X[index]
+            axis = None if axis is None else axis.take(index)
+        return Problem(self.covariance(frame, axis), self.response_vector(frame), X,
                        list(design.names), frame)
 
     def build(self, df: pd.DataFrame) -> Problem:
@@ -328,14 +337,13 @@ class ModelSpec:
                 "cs": CompoundSymmetricMatrix}[r.structure](k)
         return rd, KroneckerProduct(levels=levels, terms=leaf)
 
-    def _residual(self, frame):
+    def time_axis(self, frame: pd.DataFrame) -> "TimeAxis | None":
+        """Each row's subject and position on the within-subject residual's time axis, and
+        the axis size (``None`` for residuals without one): levels of ``time`` (its values for
+        ``car1``), else the row order within the subject."""
         s, n, key = self.residual.structure, len(frame), f"{self.prefix}residual"
-        if s == "scalar":
-            return ScalarMatrix(n)
-        if s == "identity":
-            return IdentityMatrix(n)
-        if s == "ar1xar1_nugget":
-            return _grid_model(frame, self.residual.get("row"), self.residual.get("col"), key)
+        if s in ("scalar", "identity", "ar1xar1_nugget"):
+            return None
         subject, time = self.residual.get("subject"), self.residual.get("time")
         codes = (grouping(frame, list(_strings(subject, key)))[0] if subject is not None
                  else torch.zeros(n, dtype=torch.long))
@@ -352,13 +360,38 @@ class ModelSpec:
             where = f" of subject column {subject!r}" if subject is not None else ""
             _fail(f"{key}.time: two rows{where} share the same time {time!r}; "
                   "each subject needs distinct times (or name a subject column)")
-        size = int(positions.max()) + 1
+        return TimeAxis(codes, positions, int(positions.max()) + 1, times)
+
+    def _residual(self, frame, axis=None):
+        s, n, key = self.residual.structure, len(frame), f"{self.prefix}residual"
+        if s == "scalar":
+            return ScalarMatrix(n)
+        if s == "identity":
+            return IdentityMatrix(n)
+        if s == "ar1xar1_nugget":
+            return _grid_model(frame, self.residual.get("row"), self.residual.get("col"), key)
+        axis = self.time_axis(frame) if axis is None else axis
         if s == "car1":
-            leaf = CAR1Matrix(torch.as_tensor(times, dtype=torch.float64))
+            leaf = CAR1Matrix(torch.as_tensor(axis.times, dtype=torch.float64))
         else:
             leaf = {"ar1": AR1Matrix, "cs": CompoundSymmetricMatrix, "us": UnconstrainedMatrix,
-                    "diag": DiagonalMatrix}[s](size)
-        return Grouped(within=leaf, groups=codes, positions=positions)
+                    "diag": DiagonalMatrix}[s](axis.size)
+        return Grouped(within=leaf, groups=axis.subjects, positions=axis.positions)
+
+
+@dataclass(frozen=True)
+class TimeAxis:
+    """The residual's time axis: each row's subject code and position in ``0..size-1`` and,
+    for ``car1``, the ``times`` the positions stand for."""
+
+    subjects: torch.Tensor
+    positions: torch.Tensor
+    size: int
+    times: np.ndarray | None = None
+
+    def take(self, rows: torch.Tensor) -> "TimeAxis":
+        """The axis of a subset of the rows (same size and times)."""
+        return TimeAxis(self.subjects[rows], self.positions[rows], self.size, self.times)
 
 
 def _random_spec(name: str, term, key: str) -> RandomSpec:
