@@ -65,7 +65,10 @@ def main(args=None) -> int:
 
 
 def report(cli: LightningCLI) -> None:
-    """Print the fit summary, the checkpoint and the TensorBoard log directory."""
+    """Print the fit summary, the checkpoint and the TensorBoard log directory (once: on the
+    first process under DDP)."""
+    if not cli.trainer.is_global_zero:
+        return
     result = cli.model.result
     if result is not None:
         print(result.summary())

@@ -1,4 +1,9 @@
-"""The DataModule: a CSV or parquet table and a model spec, served as batches of whole groups."""
+"""The DataModule: a CSV or parquet table and a model spec, served as batches of whole groups.
+
+Under DDP each process keeps the whole groups :class:`GroupSampler` gives it, split into
+batches of ``groups_per_batch`` groups; :class:`~training.module.REMLModule` sums their REML
+statistics over batches and processes (:class:`~covmodules.distributed.ShardedREML`).
+"""
 
 from __future__ import annotations
 
@@ -8,11 +13,11 @@ from typing import Any, Optional, Union
 import lightning as L
 import numpy as np
 import pandas as pd
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from covmodules.specs import ModelSpec, Problem, SpecError
 
-__all__ = ["Batch", "MixedModelDataModule", "read_table", "loader"]
+__all__ = ["Batch", "GroupSampler", "MixedModelDataModule", "read_table", "loader"]
 
 
 def read_table(path: Union[str, Path], key: str = "data.path") -> pd.DataFrame:
@@ -67,18 +72,50 @@ def _first(items: list[Batch]) -> Batch:
     return items[0]
 
 
-def loader(batches: list[Batch], shuffle: bool = False) -> DataLoader:
-    """One :class:`Batch` per step (a batch sampler of size 1, so Lightning knows the indices)."""
-    return DataLoader(_Batches(batches), batch_size=1, shuffle=shuffle, collate_fn=_first)
+class GroupSampler(Sampler[int]):
+    """The groups of process ``rank`` of ``num_replicas``: ``range(num_groups)`` in contiguous
+    runs, ``⌊r G / R⌋ .. ⌊(r + 1) G / R⌋ - 1`` for process ``r``, whose lengths differ by at
+    most one. Deterministic and never padded (a ``DistributedSampler`` repeats items to even
+    out the counts), so every group enters the REML sums exactly once."""
+
+    def __init__(self, num_groups: int, num_replicas: int = 1, rank: int = 0):
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank must lie in 0..{num_replicas - 1}, got {rank}")
+        self.start = rank * num_groups // num_replicas
+        self.stop = (rank + 1) * num_groups // num_replicas
+
+    def __iter__(self):
+        return iter(range(self.start, self.stop))
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+class _Local(DistributedSampler):
+    """Every item, in order: the batches already belong to this process, and Lightning keeps
+    a ``DistributedSampler`` instead of splitting (and padding) them over the processes again."""
+
+    def __init__(self, dataset: Dataset):
+        super().__init__(dataset, num_replicas=1, rank=0, shuffle=False)
+
+
+def loader(items: list) -> DataLoader:
+    """One item per step (a batch sampler of size 1, so Lightning knows the indices), on this
+    process only."""
+    dataset = _Batches(items)
+    return DataLoader(dataset, batch_size=1, sampler=_Local(dataset), collate_fn=_first)
 
 
 class MixedModelDataModule(L.LightningDataModule):
     """A table and a model spec (see :mod:`covmodules.specs`) as batches of whole groups.
 
-    The training set is one batch by default (REML needs all of it); ``groups_per_batch``
-    splits it into batches of that many whole groups (for Adam/SGD: each step then uses the
-    REML of one batch). ``val_fraction`` holds out that fraction of the groups (``group``,
-    by default the grouping that makes ``V`` block diagonal) for prediction metrics.
+    The training set is one batch by default; ``groups_per_batch`` splits it into batches of
+    that many whole groups (every step still uses all of them: the REML statistics are summed
+    over batches, exactly). Under DDP (``Trainer(strategy="ddp", devices=N)``) each process
+    keeps only its share of the groups (:class:`GroupSampler`), in batches the same way.
+    ``val_fraction`` holds out that fraction of the groups (``group``, by default the grouping
+    that makes ``V`` block diagonal) for prediction metrics; they are split over the processes
+    too.
 
     Args:
         path: CSV or parquet file.
@@ -112,19 +149,40 @@ class MixedModelDataModule(L.LightningDataModule):
         self.val_fraction, self.groups_per_batch, self.split_seed = (val_fraction,
                                                                      groups_per_batch, split_seed)
         self.frame: Optional[pd.DataFrame] = None
-        self.train_problem: Optional[Problem] = None
         self.train_batches: list[Batch] = []
         self.val_batches: list[Batch] = []
+        self._process: Optional[tuple[int, int]] = None
+        self._train_problem: Optional[Problem] = None
+
+    @property
+    def process(self) -> tuple[int, int]:
+        """``(rank, world size)`` of this process under the trainer (``(0, 1)`` without one)."""
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
     def setup(self, stage: Optional[str] = None) -> None:
-        """Read the table, build the design and the problems of the training batches and the
-        validation groups (once)."""
-        if self.frame is None:
-            self._build()
+        """Read the table, build the design and the problems of this process's training
+        batches and validation groups (once per process layout)."""
+        if self.frame is None or self._process != self.process:
+            self._build(*self.process)
         if not self.val_batches and self.trainer is not None:
             self.trainer.limit_val_batches = 0    # nothing held out: no validation loop
 
-    def _build(self) -> None:
+    @property
+    def train_problem(self) -> Optional[Problem]:
+        """All training groups as one :class:`Problem` (built on first use when they are split
+        over batches or processes)."""
+        if self.frame is None:
+            return None
+        if self._train_problem is None:
+            if len(self.train_batches) == 1 and self._process[1] == 1:
+                self._train_problem = self.train_batches[0].problem
+            else:
+                self._train_problem = self.spec.problem(self.frame, self._train_rows,
+                                                        self._design, self._axis)
+        return self._train_problem
+
+    def _build(self, rank: int, world: int) -> None:
         df = read_table(self.path)
         if self.query:
             try:
@@ -142,37 +200,47 @@ class MixedModelDataModule(L.LightningDataModule):
                             f"independent group(s) leaves no validation or no training group")
         order = np.random.default_rng(self.split_seed).permutation(num_groups)
         val_groups, train_groups = np.sort(order[:num_val]), np.sort(order[num_val:])
-        self.frame = frame
-        self.train_problem = self.spec.problem(frame, np.flatnonzero(np.isin(codes, train_groups)),
-                                               design)
-        chunks = self._batches(frame, design, codes, train_groups, "train")
-        self.train_batches = (chunks if self.groups_per_batch and len(chunks) > 1
-                              else [Batch(self.train_problem, "train")])
-        self.val_batches = self._batches(frame, design, codes, val_groups, "val")
+        for name, groups in (("training", train_groups), ("validation", val_groups)):
+            if 0 < len(groups) < world:
+                raise SpecError(f"data.group: {len(groups)} {name} group(s) for {world} "
+                                "processes; every process needs at least one (use fewer devices "
+                                "or a finer data.group)")
+        self.frame, self._process, self._train_problem = frame, (rank, world), None
+        self._design, self._axis = design, self.spec.time_axis(frame)
+        self._train_rows = np.flatnonzero(np.isin(codes, train_groups))
+        self.train_batches = self._batches(codes, self._share(train_groups, rank, world), "train")
+        self.val_batches = self._batches(codes, self._share(val_groups, rank, world), "val")
 
-    def _batches(self, frame, design, codes, groups, split) -> list[Batch]:
+    @staticmethod
+    def _share(groups: np.ndarray, rank: int, world: int) -> np.ndarray:
+        return groups[list(GroupSampler(len(groups), world, rank))]
+
+    def _batches(self, codes, groups, split) -> list[Batch]:
         size = self.groups_per_batch or max(len(groups), 1)
         chunks = [groups[i:i + size] for i in range(0, len(groups), size)]
-        return [Batch(self.spec.problem(frame, np.flatnonzero(np.isin(codes, chunk)), design),
-                      split) for chunk in chunks]
+        return [Batch(self.spec.problem(self.frame, np.flatnonzero(np.isin(codes, chunk)),
+                                        self._design, self._axis), split) for chunk in chunks]
 
     def train_dataloader(self) -> DataLoader:
-        return loader(self.train_batches, shuffle=len(self.train_batches) > 1)
+        """One item per step: all of this process's training batches."""
+        return loader([self.train_batches])
 
     def val_dataloader(self) -> DataLoader:
         return loader(self.val_batches)
 
     def predict_dataloader(self) -> DataLoader:
-        return loader([Batch(self.train_problem, "train"), *self.val_batches])
+        return loader([*self.train_batches, *self.val_batches])
 
     @property
     def num_rows(self) -> int:
         return 0 if self.frame is None else len(self.frame)
 
     def describe(self) -> str:
-        """One line: rows, training/validation rows and batches."""
+        """One line: rows, training/validation rows and batches (of this process under DDP)."""
+        rank, world = self._process
+        train_rows = sum(len(b) for b in self.train_batches)
         val_rows = sum(len(b) for b in self.val_batches)
-        return (f"{self.path}: {self.num_rows} rows; training {len(self.train_problem.frame)} rows "
-                f"in {len(self.train_batches)} batch(es); validation {val_rows} rows in "
+        where = f" on process {rank} of {world}" if world > 1 else ""
+        return (f"{self.path}: {self.num_rows} rows; training {train_rows} rows in "
+                f"{len(self.train_batches)} batch(es){where}; validation {val_rows} rows in "
                 f"{len(self.val_batches)} batch(es)")
-

@@ -1,7 +1,6 @@
 """``REMLModule``: a covariance model fitted by REML (or ML) as a LightningModule.
 
-One training step is one optimiser step on the REML loss of the batch (by default the whole
-training set):
+One training step is one optimiser step on the REML loss of the whole training set:
 
 - ``ai``: one AI-REML iteration (:meth:`covmodules.optim.AIREML.step`) per step, by manual
   optimisation through :class:`AIStep`; the run keeps its state (damping, boundary) between
@@ -10,17 +9,30 @@ training set):
   through the covariance modules' closed-form gradients; LBFGS re-evaluates it in a closure.
 
 The optimisers are set up as :func:`covmodules.fit` sets them up and stop on the same rule,
-so a Lightning fit ends at the estimates of the plain fit. Logged per step: ``loss``,
-``loglik``, ``grad_norm`` (the largest absolute gradient at the start of the step),
-``param/<name>`` on the natural scale and, for AI-REML, ``ai/step``, ``ai/halvings`` and
-``ai/decrement``; at the end (and every ``image_every_n_epochs``): heatmaps
-of the leaf covariances and of ``V``, BLUP histograms, the summary text and the hparams with
-the final log-likelihood, AIC and BIC (``hp/loglik``, ``hp/aic``, ``hp/bic``).
+so a Lightning fit ends at the estimates of the plain fit.
+
+**Batches and processes.** With a :class:`~training.data.MixedModelDataModule` whose training
+groups are split into several batches (``groups_per_batch``) or over processes
+(``Trainer(strategy="ddp", devices=N, num_nodes=M)``), the objective is the
+:class:`~covmodules.distributed.ShardedREML` of this process's batches: every REML quantity is
+a sum over groups, so each step sums the batches' statistics and all-reduces them, and the
+loss, gradient and AI matrix are those of the whole training set on every process. AI-REML
+then takes the same steps everywhere; the torch optimisers get the exact gradient from DDP's
+gradient averaging (the loss's backward returns ``world_size ×`` the local share). Fitted
+values and BLUPs come per batch, in one process (:meth:`REMLModule.predict_step`).
+
+Logged per step: ``loss``, ``loglik``, ``grad_norm`` (the largest absolute gradient at the
+start of the step), ``param/<name>`` on the natural scale and, for AI-REML, ``ai/step``,
+``ai/halvings`` and ``ai/decrement``; at the end (and every ``image_every_n_epochs``):
+heatmaps of the leaf covariances and of ``V``, BLUP histograms (not for a split training
+set), the summary text and the hparams with the final log-likelihood, AIC and BIC
+(``hp/loglik``, ``hp/aic``, ``hp/bic``).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Callable, Literal, Optional
 
 import lightning as L
@@ -32,7 +44,11 @@ from torch.utils.data import DataLoader
 from torchmetrics import MeanSquaredError, R2Score
 
 from covmodules import CovarianceModule
+from covmodules.base import Structure
+from covmodules.distributed import ShardedREML, world_size
 from covmodules.fitting import start_values
+from covmodules.linalg import SOLVERS, UnsupportedStructure
+from covmodules.linalg.base import StructuredSolver
 from covmodules.optim import AIREML
 from covmodules.reml import REML
 from covmodules.results import FitResult
@@ -45,7 +61,9 @@ from .monitoring import blup_values, component_blups, fitted_v_block, heatmap, l
 __all__ = ["REMLModule", "AIStep"]
 
 OPTIMIZERS = ("ai", "lbfgs", "adam", "sgd")
-_EPOCH = {"on_step": False, "on_epoch": True, "batch_size": 1}
+# every process logs the same numbers (the objective is the whole training set's);
+# sync_dist says so to Lightning under DDP (the mean of equal values)
+_EPOCH = {"on_step": False, "on_epoch": True, "batch_size": 1, "sync_dist": True}
 
 
 class AIStep(torch.optim.Optimizer):
@@ -83,7 +101,9 @@ class REMLModule(L.LightningModule):
     Give the model and data directly (``REMLModule(model, y, X)``, then
     ``Trainer().fit(module)``), or leave them out and fit with a
     :class:`~training.data.MixedModelDataModule`, which builds them from its spec.
-    After ``fit``, :attr:`result` is the :class:`~covmodules.results.FitResult`.
+    After ``fit``, :attr:`result` is the :class:`~covmodules.results.FitResult`. Under DDP a
+    module given ``covariance`` and ``y`` fits all of them on every process (exact, no faster);
+    the DataModule splits the groups over the processes.
 
     Args:
         covariance: the covariance module of ``y`` (e.g. a :class:`~covmodules.MixedModel`).
@@ -119,12 +139,16 @@ class REMLModule(L.LightningModule):
         self.x_names = x_names
         if covariance is not None:
             self._set_data(y, X, x_names)
-        self.val_mse, self.val_r2, self.val_loglik = (MeanSquaredError(), R2Score(),
-                                                      REMLStatistics(method=self.method))
+        # float64 sums: the processes' partial sums then add up to the one-process value
+        self.val_mse, self.val_r2 = (MeanSquaredError().set_dtype(torch.float64),
+                                     R2Score().set_dtype(torch.float64))
+        self.val_loglik = REMLStatistics(method=self.method)
         self.history: list[dict] = []
         self.converged, self.boundary = False, []
         self.result: Optional[FitResult] = None
-        self._objective: Optional[REML] = None
+        self._shards: Optional[list[Problem]] = None
+        self._batch_results: Optional[list[FitResult]] = None
+        self._objective: Optional[REML | ShardedREML] = None
         self._start_free: Optional[torch.Tensor] = None
         self._saved_ai: Optional[dict] = None
         self._previous_loss: Optional[float] = None
@@ -141,11 +165,24 @@ class REMLModule(L.LightningModule):
         self.x_names = (["(Intercept)"] if X is None else None) if x_names is None else x_names
 
     @property
-    def objective(self) -> REML:
-        """The REML objective of the whole training set (rebuilt after a device change)."""
-        if self._objective is None or self._objective.y.device != self.y.device:
-            self._objective = REML(self.covariance, self.y, self.X, x_names=self.x_names,
-                                   method=self.method)
+    def sharded(self) -> bool:
+        """Whether the training set is split over batches or processes."""
+        return self._shards is not None
+
+    @property
+    def objective(self) -> REML | ShardedREML:
+        """The REML objective of the whole training set: :class:`REML`, or the
+        :class:`ShardedREML` of this process's batches (rebuilt after a device change)."""
+        y = self._shards[0].y if self.sharded else self.y
+        current = self._objective
+        if current is None or (current.ys[0] if self.sharded else current.y).device != y.device:
+            if self.sharded:
+                self._objective = ShardedREML([(p.model, p.y, p.X) for p in self._shards],
+                                              x_names=self.x_names, method=self.method,
+                                              solver=_structured_solver(self.covariance))
+            else:
+                self._objective = REML(self.covariance, self.y, self.X, x_names=self.x_names,
+                                       method=self.method)
         return self._objective
 
     # ------------------------------------------------------------------ set-up
@@ -153,12 +190,18 @@ class REMLModule(L.LightningModule):
         if getattr(self.trainer, "datamodule", None) is None:
             self.trainer.limit_val_batches = 0    # no held-out groups without a DataModule
         if self.covariance is None:
-            problem = getattr(getattr(self.trainer, "datamodule", None), "train_problem", None)
-            if problem is None:
+            batches = getattr(getattr(self.trainer, "datamodule", None), "train_batches", None)
+            if not batches:
                 raise ValueError("REMLModule has no model: pass covariance and y, or fit with a "
                                  "MixedModelDataModule")
-            self.covariance = problem.model
-            self._set_data(problem.y, problem.X, problem.x_names)
+            first = batches[0].problem
+            self.covariance = first.model
+            if len(batches) == 1 and self.trainer.world_size == 1:
+                self._set_data(first.y, first.X, first.x_names)
+            else:
+                self._shards, self.x_names = [b.problem for b in batches], first.x_names
+        # the data differ between processes: DDP must neither check nor broadcast them
+        self._ddp_params_and_buffers_to_ignore = [name for name, _ in self.named_buffers()]
         names = self.covariance.param_names
         for name, value in (self.hparams.start or {}).items():
             if name not in names:
@@ -178,11 +221,9 @@ class REMLModule(L.LightningModule):
         return cls(params, lr=self.hparams.lr)
 
     def on_fit_start(self) -> None:
-        batches = getattr(self.trainer.datamodule, "train_batches", [None])
-        if len(batches) > 1 and self.hparams.optimizer in ("ai", "lbfgs"):
-            raise SpecError(f"model.optimizer: {self.hparams.optimizer!r} needs the whole "
-                            "training set in one batch; set data.groups_per_batch: null or "
-                            "use adam / sgd")
+        for p in self._shards or []:
+            p.model.to(self.device)
+            p.y, p.X = p.y.to(self.device), p.X.to(self.device)
         if self.trainer.ckpt_path is None and not self.history:
             try:
                 free = start_values(self.objective, self.hparams.start)
@@ -192,27 +233,25 @@ class REMLModule(L.LightningModule):
             self._start_free = free.clone()
 
     def train_dataloader(self) -> DataLoader:
-        return _single(self._own_problem())
+        return loader([[Batch(self._own_problem(), "train")]])
 
     def val_dataloader(self) -> DataLoader:
         return loader([])
 
     def predict_dataloader(self) -> DataLoader:
-        return _single(self._own_problem())
+        return loader([Batch(self._own_problem(), "train")])
 
     def _own_problem(self) -> Problem:
         frame = pd.DataFrame(index=pd.RangeIndex(len(self.y)))
         return Problem(self.covariance, self.y, self.X, list(self.x_names or []), frame)
 
     # ----------------------------------------------------------------- training
-    def training_step(self, batch: Batch, batch_idx: int):
+    def training_step(self, batch: list[Batch], batch_idx: int):
+        """One optimiser step on the whole training set (``batch``: this process's batches,
+        which :attr:`objective` already holds)."""
         if self.hparams.optimizer == "ai":
             return self._ai_step()
-        objective = self._batch_objective(batch)
-        if objective is self.objective:
-            loss = objective.loss()
-        else:
-            loss = objective.loss(self.covariance._registered_free())
+        loss = self.objective.loss()
         if self._step_loss is None:
             self._step_loss = float(loss.detach())
             self.log("loss", loss.detach(), prog_bar=True, **_EPOCH)
@@ -241,17 +280,6 @@ class REMLModule(L.LightningModule):
         self.log("loss", _f64(-loglik), prog_bar=True, **_EPOCH)
         self.log("loglik", _f64(loglik), prog_bar=True, **_EPOCH)
         return _f64(-loglik)
-
-    def _batch_objective(self, batch: Batch) -> REML:
-        model = batch.problem.model
-        if model is self.covariance:
-            return self.objective
-        if getattr(batch, "objective", None) is None:
-            if model.free_param_names != self.covariance.free_param_names:
-                raise ValueError("a batch's model has other parameters than the training model")
-            p = batch.problem
-            batch.objective = REML(model, p.y, p.X, x_names=p.x_names, method=self.method)
-        return batch.objective
 
     def on_train_batch_start(self, batch, batch_idx) -> None:
         self._step_loss, self._grad_norm = None, None
@@ -290,9 +318,12 @@ class REMLModule(L.LightningModule):
         self._log_final(self.result)
 
     def fit_result(self) -> FitResult:
-        """The :class:`~covmodules.results.FitResult` at the current parameters (on the CPU)."""
+        """The :class:`~covmodules.results.FitResult` at the current parameters (on the CPU).
+
+        Sharded, it is that of the whole training set on every process (its reductions run on
+        all of them); fitted values and BLUPs are per batch (:meth:`predict_step`)."""
         objective = self.objective
-        if self.y.device.type != "cpu":
+        if not self.sharded and self.y.device.type != "cpu":
             model = copy.deepcopy(self.covariance).cpu()
             objective = REML(model, self.y.cpu(), self.X.cpu(), x_names=self.x_names,
                              method=self.method)
@@ -323,7 +354,7 @@ class REMLModule(L.LightningModule):
                 continue
             writer = logger.experiment
             self._log_images(writer)
-            for name, values in blup_values(result).items():
+            for name, values in ({} if self.sharded else blup_values(result)).items():
                 writer.add_histogram(f"blups/{name}", values, self.global_step)
             writer.add_text("summary", "    " + result.summary().replace("\n", "\n    "),
                             self.global_step)
@@ -360,16 +391,25 @@ class REMLModule(L.LightningModule):
 
     # ------------------------------------------------------------------ predict
     def on_predict_start(self) -> None:
+        if world_size() > 1:
+            raise SpecError("predict runs in one process (trainer.devices: 1, num_nodes: 1); "
+                            "a checkpoint written by a DDP fit loads there")
         if not self.history:
             raise SpecError("predict needs fitted parameters: run fit first, or pass "
                             "--ckpt_path with a checkpoint written by fit")
         self.result = self.fit_result()
+        self._batch_results = self._shard_results() if self.sharded else None
 
     def predict_step(self, batch: Batch, batch_idx: int) -> pd.DataFrame:
         """Fitted values of the batch's rows: ``fitted_marginal`` (``X b̂``), ``fitted``
         (plus the BLUPs of random terms, and columns for residual components such as the
-        spatial field, on the training rows; marginal on held-out groups) and ``residual``."""
+        spatial field, on the training rows; marginal on held-out groups) and ``residual``.
+
+        A training batch of a sharded fit is predicted from its own ``P y`` (with the global
+        ``b̂``): its groups' BLUPs depend on no other rows, so the values are exact."""
         p, result = batch.problem, self.result
+        if batch.split == "train" and self.sharded:
+            result = self._batch_results[next(i for i, q in enumerate(self._shards) if q is p)]
         marginal = (self._kept_columns(p).double().cpu() @ result.state.beta).numpy()
         out = p.frame.copy()
         out.insert(0, "split", batch.split)
@@ -381,12 +421,22 @@ class REMLModule(L.LightningModule):
         out["residual"] = p.y.double().cpu().numpy() - out["fitted"].to_numpy()
         return out
 
+    def _shard_results(self) -> list[FitResult]:
+        """:attr:`result` seen from each training batch of a sharded fit: its rows and its own
+        ``P y`` (with the global ``b̂``), for its fitted values and BLUPs."""
+        for p in self._shards[1:]:            # ShardedREML evaluates them at the first's values
+            p.model.set_free_params(self.result.free)
+        return [dataclasses.replace(self.result, state=state,
+                                    objective=_Rows(p.model, p.y, self._kept_columns(p)))
+                for p, state in zip(self._shards, self.result.state.shards)]
+
     def blup_table(self) -> pd.DataFrame:
         """BLUPs of the random terms, one row per (term, level, coefficient)."""
         rows = []
-        for term, frame in self.result.blups().items():
-            for level, values in frame.iterrows():
-                rows += [(term, level, coef, value) for coef, value in values.items()]
+        for result in self._shard_results() if self.sharded else [self.result]:
+            for term, frame in result.blups().items():
+                for level, values in frame.iterrows():
+                    rows += [(term, level, coef, value) for coef, value in values.items()]
         return pd.DataFrame(rows, columns=["term", "level", "coefficient", "blup"])
 
     # ---------------------------------------------------------------- checkpoint
@@ -399,6 +449,9 @@ class REMLModule(L.LightningModule):
                               "start": start, "ai": None if ai is None else ai.state_dict()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        data = _data_keys(self)        # the saving process's rows: keep this process's own
+        checkpoint.setdefault("state_dict", {}).update(
+            {k: v for k, v in self.state_dict().items() if k in data})
         state = checkpoint.get("reml", {})
         self.history = list(state.get("history", []))
         self.converged = bool(state.get("converged", False))
@@ -414,5 +467,36 @@ def _f64(value) -> torch.Tensor:
     return torch.as_tensor(value, dtype=torch.float64).detach()
 
 
-def _single(problem: Problem) -> DataLoader:
-    return loader([Batch(problem, "train")])
+@dataclasses.dataclass
+class _Rows:
+    """What :meth:`FitResult.fitted` reads of an objective: one batch's model, ``y``, ``X``."""
+
+    model: CovarianceModule
+    y: torch.Tensor
+    X: torch.Tensor
+
+
+def _structured_solver(model: CovarianceModule) -> str:
+    """The cheapest structured solver of a batch's model (the dense one, cheapest on a small
+    batch, has no statistics to sum over batches)."""
+    candidates = []
+    for cls in SOLVERS.values():
+        if issubclass(cls, StructuredSolver):
+            try:
+                candidates.append(cls(model))
+            except UnsupportedStructure:
+                pass
+    if not candidates:
+        raise SpecError("data: the model has no structured solver (grouped, woodbury, "
+                        "kronecker), so the training set cannot be split over batches or "
+                        "processes; set data.groups_per_batch: null and use one process")
+    return min(candidates, key=lambda s: s.cost).name
+
+
+def _data_keys(module: L.LightningModule) -> set[str]:
+    """State-dict keys of the covariance's data buffers (group codes, designs): everything
+    but the parameters, free or fixed, of its structures."""
+    params = {".".join(filter(None, ("covariance", path, spec.name)))
+              for path, m in module.covariance.named_modules() if isinstance(m, Structure)
+              for spec in m.param_specs}
+    return {k for k in module.state_dict() if k.startswith("covariance.") and k not in params}
