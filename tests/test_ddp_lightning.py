@@ -1,6 +1,6 @@
 """Lightning DDP: 2 gloo processes, each with an uneven share of whole groups in several batches,
-fit exactly what one process fits (AI-REML, LBFGS, Adam); batches in one process predict
-exactly; shards keep the whole data's structure."""
+fit exactly what one process fits (AI-REML, LBFGS, Adam) and resume from a checkpoint; batches
+in one process predict exactly; shards keep the whole data's structure."""
 
 import os
 import socket
@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 import torch.multiprocessing as mp
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from covmodules import fit
 from covmodules.specs import ModelSpec, SpecError
@@ -56,16 +56,20 @@ class FirstGradient(Callback):
             self.grad = torch.stack([p.grad for p in pl_module.covariance.parameters()])
 
 
-def lightning_fit(path, optimizer, devices=1, groups_per_batch=None):
+def lightning_fit(path, optimizer, devices=1, groups_per_batch=None, max_epochs=None,
+                  checkpoints=None, ckpt_path=None):
     dm = MixedModelDataModule(path, **SPEC, val_fraction=0.2, groups_per_batch=groups_per_batch)
     module, first = REMLModule(optimizer=optimizer), FirstGradient()
+    callbacks = [first] if checkpoints is None else [
+        first, ModelCheckpoint(dirpath=checkpoints, monitor="loglik", mode="max", save_last=True)]
     trainer = L.Trainer(accelerator="cpu", devices=devices,
-                        strategy="ddp" if devices > 1 else "auto", max_epochs=EPOCHS[optimizer],
-                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[first])
+                        strategy="ddp" if devices > 1 else "auto",
+                        max_epochs=max_epochs or EPOCHS[optimizer], logger=False,
+                        enable_checkpointing=checkpoints is not None, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=callbacks)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")          # adam stops unconverged on purpose
-        trainer.fit(module, datamodule=dm)
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     result = module.result
     return {"free": result.free, "loglik": result.loglik, "iterations": result.iterations,
             "grad": first.grad, "batches": len(dm.train_batches),
@@ -81,6 +85,11 @@ def _worker(rank, world, port, path, out):
     torch.set_num_threads(1)
     results = {name: lightning_fit(path, name, devices=world, groups_per_batch=3)
                for name in EPOCHS}
+    # stop AI-REML after 2 steps, resume every process from rank 0's checkpoint
+    checkpoints = f"{out}.checkpoints"
+    lightning_fit(path, "ai", world, 3, max_epochs=2, checkpoints=checkpoints)
+    results["resumed"] = lightning_fit(path, "ai", world, 3, checkpoints=checkpoints,
+                                       ckpt_path=f"{checkpoints}/last.ckpt")
     torch.save(results, f"{out}.{rank}")
 
 
@@ -98,6 +107,9 @@ def test_two_ddp_processes_equal_the_single_process_fit(tmp_path):
     # 21 subjects, 4 held out: 8 and 9 training subjects, in batches of 3
     assert [r["ai"]["groups"] for r in ranks] == [8, 9]
     assert [r["ai"]["batches"] for r in ranks] == [3, 3]
+    for r in ranks:
+        assert r["resumed"]["iterations"] == r["ai"]["iterations"]
+        assert r["resumed"]["loglik"] == pytest.approx(r["ai"]["loglik"], rel=1e-12)
     for name, epochs in EPOCHS.items():
         single = lightning_fit(path, name)
         dm = MixedModelDataModule(path, **SPEC, val_fraction=0.2)
