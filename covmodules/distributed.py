@@ -125,7 +125,7 @@ class ShardedREML:
             ["(Intercept)"] if shards[0][2] is None else [f"x{j}" for j in range(self.p)])
         self.dropped: list[str] = []
         self.n = int(_all_reduce(torch.tensor(float(sum(len(y) for y in self.ys)),
-                                              dtype=torch.float64)))
+                                              dtype=torch.float64, device=self.ys[0].device)))
         self.solver = self.solvers[0]
 
     @property
@@ -152,19 +152,31 @@ class ShardedREML:
             free = self.model._resolve_free(free_params)
             nat = self.model.build_params(free)
             p = self.p
-            factors, whitened, local = [], [], torch.zeros(p * p + p + 2, dtype=nat.dtype)
+            # the last entry counts shards whose V is not positive definite: every process
+            # learns it from the same all-reduce, so none raises while others wait in it
+            factors, whitened = [], []
+            local = torch.zeros(p * p + p + 3, dtype=nat.dtype, device=self.ys[0].device)
             for solver, y, X in zip(self.solvers, self.ys, self.Xs):
-                f = solver.factorize(nat)
+                try:
+                    f = solver.factorize(nat)
+                except NotPositiveDefiniteError:
+                    local[-1] += 1
+                    continue
                 Xw, yw = f.whiten(X.to(nat)), f.whiten(y.to(nat)[:, None])[:, 0]
-                local += torch.cat([f.inner(Xw, Xw).reshape(-1),
-                                    f.inner(Xw, yw[:, None])[:, 0],
-                                    f.inner(yw[:, None], yw[:, None]).reshape(1),
-                                    torch.as_tensor(f.logdet, dtype=nat.dtype).reshape(1)])
+                local[:-1] += torch.cat([f.inner(Xw, Xw).reshape(-1),
+                                         f.inner(Xw, yw[:, None])[:, 0],
+                                         f.inner(yw[:, None], yw[:, None]).reshape(1),
+                                         torch.as_tensor(f.logdet, dtype=nat.dtype,
+                                                         device=local.device).reshape(1)])
                 factors.append(f)
                 whitened.append((Xw, yw))
             total = _all_reduce(local)
+            if float(total[-1]) > 0:
+                raise NotPositiveDefiniteError(
+                    f"V is not positive definite on {int(total[-1])} shard(s) at these "
+                    "parameters; try other start values, e.g. larger variances")
             A = total[:p * p].reshape(p, p)
-            b, c, logdet = total[p * p:p * p + p], total[-2], total[-1]
+            b, c, logdet = total[p * p:p * p + p], total[-3], total[-2]
             LA, info = torch.linalg.cholesky_ex(0.5 * (A + A.T))
             if int(info) != 0:
                 raise NotPositiveDefiniteError("XᵀV⁻¹X is not positive definite: X is rank "
@@ -202,7 +214,7 @@ class ShardedREML:
         with torch.no_grad():
             free = self.model._resolve_free(free)
             K, p = len(free), self.p
-            local = torch.zeros(K * K + p * K, dtype=torch.float64)
+            local = torch.zeros(K * K + p * K, dtype=torch.float64, device=free.device)
             for model, s in zip(self.models, state.shards):
                 Uw = s.factor.whiten(model.dV(s.Py, free).T)
                 local += torch.cat([s.factor.inner(Uw, Uw).reshape(-1),
@@ -255,7 +267,7 @@ def _check_shard(i, model, y, X):
     if model.shape != (n, n):
         raise ValueError(f"shard {i}: the model has shape {model.shape} but y has length {n}")
     if X is None:
-        X = torch.ones(n, 1, dtype=torch.float64)
+        X = torch.ones(n, 1, dtype=torch.float64, device=y.device)
     if not isinstance(X, torch.Tensor) or X.dim() != 2 or X.shape[0] != n:
         raise ValueError(f"shard {i}: X must be a tensor of shape ({n}, p)")
     for name, t in (("y", y), ("X", X)):

@@ -112,3 +112,22 @@ def test_two_gloo_processes_equal_the_single_process_fit(tmp_path):
         assert loglik == pytest.approx(reference.loglik, rel=1e-8)
         torch.testing.assert_close(free, reference.free, rtol=1e-8, atol=1e-8)
 
+
+
+def test_a_shard_whose_v_is_not_positive_definite_fails_on_every_process_alike():
+    from covmodules import SimpleMatrix
+    from covmodules.linalg import NotPositiveDefiniteError
+    from covmodules.transforms import Identity
+
+    def equicorrelated(T):        # 1 on the diagonal, c elsewhere: not PD for c <= -1/(T-1)
+        return SimpleMatrix(lambda nat: (1 - nat[0]) * torch.eye(T, dtype=nat.dtype) + nat[0],
+                            (T, T), {"c": (0.0, Identity())})
+
+    small = torch.tensor([0, 0, 1, 1])                    # blocks of 2: PD for c > -1
+    large = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])        # blocks of 4: PD for c > -1/3
+    y = torch.arange(12, dtype=DT)
+    objective = ShardedREML([(Grouped(s=equicorrelated(4), groups=small), y[:4], None),
+                             (Grouped(s=equicorrelated(4), groups=large), y[4:], None)])
+    assert torch.isfinite(objective.state(torch.tensor([-0.2], dtype=DT)).neg_loglik)
+    with pytest.raises(NotPositiveDefiniteError, match="1 shard"):
+        objective.state(torch.tensor([-0.5], dtype=DT))
