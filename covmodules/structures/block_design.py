@@ -17,18 +17,22 @@ __all__ = ["BlockDesignMatrix", "block_matmul", "block_rmatmul"]
 
 
 def block_matmul(codes, values, num_levels: int, W: torch.Tensor) -> torch.Tensor:
-    """``Z W`` for ``W`` of shape ``(L k, r)``."""
+    """``Z W`` for ``W`` of shape ``(L k, r)``: ``k`` row gathers, no ``(n, k, r)`` temporary."""
     k = values.shape[1]
-    blocks = W.reshape(num_levels, k, -1)[codes]                 # (n, k, r)
-    return torch.einsum("nk,nkr->nr", values.to(W.dtype), blocks)
+    W3, values = W.reshape(num_levels, k, -1), values.to(W.dtype)
+    out = values[:, :1] * W3[codes, 0]
+    for a in range(1, k):
+        out += values[:, a:a + 1] * W3[codes, a]
+    return out
 
 
 def block_rmatmul(codes, values, num_levels: int, W: torch.Tensor) -> torch.Tensor:
-    """``Zᵀ W`` for ``W`` of shape ``(n, r)``."""
-    k, r = values.shape[1], W.shape[1]
-    out = W.new_zeros(num_levels, k, r)
-    out.index_add_(0, codes, values.to(W.dtype)[:, :, None] * W[:, None, :])
-    return out.reshape(num_levels * k, r)
+    """``Zᵀ W`` for ``W`` of shape ``(n, r)``: ``k`` row scatter-adds."""
+    k, values = values.shape[1], values.to(W.dtype)
+    out = W.new_zeros(num_levels, k, W.shape[1])
+    for a in range(k):
+        out[:, a].index_add_(0, codes, values[:, a:a + 1] * W)
+    return out.reshape(num_levels * k, -1)
 
 
 class BlockDesignMatrix(Structure):
