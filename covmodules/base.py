@@ -189,7 +189,10 @@ class CovarianceModule(nn.Module, abc.ABC):
         return {name: self.get_param(name) for name in self.param_names}
 
     def fix(self, name: str, value: float | None = None) -> None:
-        """Fix parameter ``name`` (optionally at natural-scale ``value``); it becomes a buffer."""
+        """Fix parameter ``name`` (optionally at natural-scale ``value``); it becomes a buffer.
+
+        Build optimisers after fixing or freeing: one built before keeps the old tensor.
+        """
         if value is not None:
             self.set_param(name, value)
         self._set_fixed(self._check_name(name), True)
