@@ -362,3 +362,15 @@ def test_identify_falls_back_to_the_first_factor_or_refuses():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert identify(KroneckerProduct(IdentityMatrix(3), UnconstrainedMatrix(2))) == []
+
+
+def test_identify_float32_model():
+    model = Sum(field=KroneckerProduct(row=AR1Matrix(4), col=AR1Matrix(3)),
+                nugget=ScalarMatrix(12)).to(torch.float32)
+    with pytest.warns(UserWarning, match="field/col/sigma\\^2 fixed"):
+        assert identify(model) == ["field/col/sigma^2"]
+    row = AR1Matrix(4)
+    row.fix("sigma^2")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert identify(KroneckerProduct(row, AR1Matrix(3)).to(torch.float32)) == []

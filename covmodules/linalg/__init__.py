@@ -95,15 +95,17 @@ def identify(model) -> list[str]:
 
 
 def _free_scale(module) -> bool:
-    """Whether ``M`` lies in the span of ``∂M/∂θ_k`` over the free parameters (probed)."""
+    """Whether ``M`` lies in the span of ``∂M/∂θ_k`` over the free parameters (probed in
+    float64 on the module's device, to the module's precision)."""
     if module.num_free_params == 0:
         return False
     g = torch.Generator().manual_seed(0)
-    W = torch.randn(module.shape[1], 2, generator=g, dtype=torch.float64)
     with torch.no_grad():
-        M = module().to(torch.float64)
-        J = module.dV(W.to(M.dtype)).reshape(module.num_free_params, -1).T
-        target = (M @ W).reshape(-1)
+        M = module()
+        tol = torch.finfo(M.dtype).eps ** 0.5
+        W = torch.randn(module.shape[1], 2, generator=g, dtype=torch.float64).to(M.device)
+        J = module.dV(W).to(torch.float64).reshape(module.num_free_params, -1).T
+        target = (M.to(torch.float64) @ W).reshape(-1)
         coef = torch.linalg.lstsq(J, target[:, None]).solution
         residual = target - (J @ coef)[:, 0]
-    return float(residual.norm()) <= 1e-8 * float(target.norm())
+    return float(residual.norm()) <= tol * float(target.norm())
