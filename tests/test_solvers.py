@@ -18,8 +18,9 @@ from covmodules import (AR1Matrix, CompoundSymmetricMatrix, DesignMatrix, Diagon
                         MixedModel, ScalarMatrix, Sum, UnconstrainedMatrix, fit)
 from covmodules.design import fixed_design, positions_within_group
 from covmodules.linalg import (SOLVERS, DenseSolver, GroupedSolver, KroneckerSolver,
-                               complete_grid, identify, select_solver)
+                               NotPositiveDefiniteError, complete_grid, identify, select_solver)
 from covmodules.linalg.dense import NegLogLikFunction, cotangent_v, factorize
+from covmodules.linalg.woodbury import root
 from covmodules.reml import REML
 from covmodules.results import FitResult
 
@@ -296,6 +297,16 @@ def test_woodbury_near_singular_g():
     model = woodbury_models()["crossed"]()
     free = torch.tensor([-14.0, 0.3, 0.1], dtype=DTYPE)        # sigma^2 = e^-28 ~ 7e-13
     check_equals_dense(model, y, X, "woodbury", free=free)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_woodbury_root_of_semidefinite_g(dtype):
+    v = randn(6, 2, g=gen(1))
+    G = (v @ v.T).to(dtype)                                    # rank 2: Cholesky fails
+    Lam = root(G)
+    torch.testing.assert_close(Lam @ Lam.T, G)
+    with pytest.raises(NotPositiveDefiniteError, match="not positive semi-definite"):
+        root(G - 0.01 * float(G.diagonal().max()) * torch.eye(6, dtype=dtype))
 
 
 def test_woodbury_fit_matches_lme4():

@@ -51,7 +51,8 @@ def root(G: torch.Tensor) -> torch.Tensor:
     if int(info) == 0:
         return L
     lam, Q = torch.linalg.eigh(G)
-    if float(lam.min()) < -1e-10 * max(float(lam.abs().max()), 1e-300):
+    tol = max(1e-10, 100 * G.shape[0] * torch.finfo(G.dtype).eps)   # eigh's rounding
+    if float(lam.min()) < -tol * max(float(lam.abs().max()), 1e-300):
         raise NotPositiveDefiniteError("a random-effect covariance G is not positive "
                                        "semi-definite at these parameters")
     return Q * lam.clamp(min=0).sqrt()
