@@ -265,6 +265,8 @@ def _response(y, mean) -> tuple[torch.Tensor, torch.Tensor]:
     y, mean = _vector(y, "y"), _vector(mean, "mean")
     if y.shape != mean.shape:
         raise ValueError(f"y has {y.shape[0]} rows but mean has {mean.shape[0]}")
+    if y.shape[0] == 0:
+        raise ValueError("y and mean are empty: a batch needs at least one row")
     return y.to(torch.float64), mean.to(torch.float64)
 
 
@@ -331,8 +333,10 @@ class CovarianceLayer(nn.Module):
         return model
 
     def _codes(self, groups, n: int) -> torch.Tensor:
-        codes = _integers(groups, n, "groups")
-        if n and (int(codes.min()) < 0 or int(codes.max()) >= self.num_levels):
+        codes = _integers(groups, n, "groups").to(self.seen.device)
+        if n == 0:
+            raise ValueError("groups is empty: a batch needs at least one row")
+        if (int(codes.min()) < 0 or int(codes.max()) >= self.num_levels):
             raise ValueError(f"groups must be codes in 0..{self.num_levels - 1}, got values in "
                              f"{int(codes.min())}..{int(codes.max())}")
         return codes
@@ -353,7 +357,7 @@ class CovarianceLayer(nn.Module):
 
     def _new_or_unseen(self, groups, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Codes clamped to ``0..num_levels-1`` and whether each row's group was seen."""
-        codes = _integers(groups, n, "groups")
+        codes = _integers(groups, n, "groups").to(self.seen.device)
         inside = (codes >= 0) & (codes < self.num_levels)
         codes = codes.clamp(0, self.num_levels - 1)
         return codes, inside & self.seen[codes]
@@ -511,9 +515,10 @@ class GroupedCovariance(CovarianceLayer):
     def _positions(self, positions, codes: torch.Tensor) -> torch.Tensor:
         n = codes.shape[0]
         if positions is None:
-            pos = torch.from_numpy(default_positions(codes.numpy()))
+            pos = torch.from_numpy(default_positions(codes.cpu().numpy()))
         else:
             pos = _integers(positions, n, "positions")
+        pos = pos.to(codes.device)
         if n and (int(pos.min()) < 0 or int(pos.max()) >= self.size):
             raise ValueError(f"positions must lie in 0..{self.size - 1} (within is "
                              f"{self.size} x {self.size}), got {int(pos.min())}..{int(pos.max())}")
@@ -527,10 +532,10 @@ class GroupedCovariance(CovarianceLayer):
 
     @staticmethod
     def _blocks(codes, pos):
-        """Per size class ``(rows, positions, valid)``, each ``(groups, m)``."""
-        local = torch.unique(codes, return_inverse=True)[1].numpy()
-        return [tuple(torch.from_numpy(a) for a in block)
-                for block in size_class_blocks(local, pos.numpy())]
+        """Per size class ``(rows, positions, valid)``, each ``(groups, m)``, on ``codes``' device."""
+        local = torch.unique(codes, return_inverse=True)[1].cpu().numpy()
+        return [tuple(torch.from_numpy(a).to(codes.device) for a in block)
+                for block in size_class_blocks(local, pos.cpu().numpy())]
 
     @staticmethod
     def _system(S, nugget, r, rows, pos, valid):
@@ -572,7 +577,8 @@ class GroupedCovariance(CovarianceLayer):
         codes = self._codes(groups, y.shape[0])
         pos = self._positions(positions, codes)
         alpha = self._solve(y - mean, codes, pos)
-        self.blup_weights.zero_().index_put_((codes, pos), alpha, accumulate=True)
+        self.blup_weights.zero_().index_put_((codes, pos), alpha.to(self.blup_weights),
+                                             accumulate=True)
         self.seen.copy_(torch.bincount(codes, minlength=self.num_levels) > 0)
         return self.blup_weights.clone()
 
@@ -580,12 +586,12 @@ class GroupedCovariance(CovarianceLayer):
         """``mean + Σ_j S[t, p_j] (V_g⁻¹ r_g)_j`` for seen groups; ``mean`` for any other code."""
         flat = _vector(mean, "mean")
         codes, seen = self._new_or_unseen(groups, flat.shape[0])
-        t = _integers(positions, flat.shape[0], "positions")
+        t = _integers(positions, flat.shape[0], "positions").to(codes.device)
         if bool(((t < 0) | (t >= self.size)).any()):
             raise ValueError(f"positions must lie in 0..{self.size - 1}")
         with torch.no_grad():
             S = self.within().to(torch.float64)
-            add = (self.blup_weights[codes] * S[t]).sum(1)
+            add = (self.blup_weights[codes].to(S) * S[t]).sum(1)
         add = torch.where(seen, add, 0.0).to(mean.dtype)
         return mean + add.reshape(mean.shape)
 
@@ -628,9 +634,11 @@ class KroneckerCovariance(GroupedCovariance):
 
     def __init__(self, row: CovarianceModule, col: CovarianceModule, num_levels: int,
                  nugget: bool = True, group_sizes=None):
+        within = KroneckerProduct(row=row, col=col)
+        row, col = within.operand_modules
         if "sigma^2" in row.free_param_names and "sigma^2" in col.free_param_names:
             col.fix("sigma^2")
-        super().__init__(KroneckerProduct(row=row, col=col), num_levels, nugget, group_sizes)
+        super().__init__(within, num_levels, nugget, group_sizes)
 
     def _grids(self, codes, pos):
         """``(F, T)`` row of each (group, position) when every group is a complete grid."""
@@ -638,8 +646,8 @@ class KroneckerCovariance(GroupedCovariance):
         F = int(local.max()) + 1
         if codes.numel() != F * self.size:
             return None
-        grid = torch.full((F, self.size), -1, dtype=torch.long)
-        grid[local, pos] = torch.arange(codes.numel())
+        grid = torch.full((F, self.size), -1, dtype=torch.long, device=codes.device)
+        grid[local, pos] = torch.arange(codes.numel(), device=codes.device)
         return None if bool((grid < 0).any()) else grid
 
     def _factors(self):
@@ -694,11 +702,14 @@ class DeepKernel(CovarianceLayer):
         self.nugget = ScalarMatrix(1)
         self.register_buffer("weights", torch.zeros(self.num_features, dtype=torch.float64))
 
-    def _features(self, features, n: int) -> torch.Tensor:
+    def _features(self, features, n: int | None) -> torch.Tensor:
+        """``features`` as a finite float64 ``(n, num_features)`` matrix (any ``n`` if None)."""
         if not isinstance(features, torch.Tensor) or not features.is_floating_point():
             raise TypeError("features must be a floating-point tensor")
+        rows = "n" if n is None else n
+        n = features.shape[0] if n is None and features.dim() == 2 else n
         if features.shape != (n, self.num_features):
-            raise ValueError(f"features must have shape ({n}, {self.num_features}), "
+            raise ValueError(f"features must have shape ({rows}, {self.num_features}), "
                              f"got {tuple(features.shape)}")
         if not bool(torch.isfinite(features).all()):
             raise ValueError("features contain NaN or inf values")
@@ -715,7 +726,7 @@ class DeepKernel(CovarianceLayer):
 
     def batch_model(self, features) -> CovarianceModule:
         """``Sum(kernel=Gram(Φ), nugget=ScalarMatrix(n))`` at the layer's nugget (Φ detached)."""
-        phi = self._features(features, features.shape[0]).detach()
+        phi = self._features(features, None).detach()
         model = Sum(kernel=Gram(phi), nugget=ScalarMatrix(phi.shape[0]))
         return self._mirror(model)
 
@@ -725,7 +736,8 @@ class DeepKernel(CovarianceLayer):
         y, mean = _response(y, mean)
         phi = self._features(features, y.shape[0])
         s = self.nugget()[0, 0].to(torch.float64)
-        L = _cholesky(torch.eye(self.num_features, dtype=phi.dtype) + phi.T @ phi / s)
+        L = _cholesky(torch.eye(self.num_features, dtype=phi.dtype, device=phi.device)
+                      + phi.T @ phi / s)
         b = phi.T @ (y - mean)
         # Φᵀ V⁻¹ r = (b - ΦᵀΦ M⁻¹ b / s) / s = M⁻¹ b / s
         self.weights.copy_(torch.cholesky_solve(b[:, None], L)[:, 0] / s)
@@ -735,7 +747,7 @@ class DeepKernel(CovarianceLayer):
         """``mean + φ(x)ᵀ w``."""
         flat = _vector(mean, "mean")
         phi = self._features(features, flat.shape[0])
-        return mean + (phi @ self.weights).to(mean.dtype).reshape(mean.shape)
+        return mean + (phi @ self.weights.to(phi)).to(mean.dtype).reshape(mean.shape)
 
     def extra_repr(self) -> str:
         return f"num_features={self.num_features}"

@@ -227,6 +227,15 @@ def test_grouped_blup_is_the_conditional_mean():
     assert pred[3] == 0          # group 4 was not in the training data
 
 
+def test_kronecker_layer_takes_a_fixed_tensor_factor():
+    groups, positions, y, mean = kronecker_batch()
+    layer = KroneckerCovariance(AR1Matrix(2), torch.eye(3, dtype=D), 4)
+    assert list(layer.variance_components) == ["within/row/sigma^2", "within/row/rho",
+                                               "nugget/sigma^2"]
+    dense = dense_reference(layer, (groups, positions), y, mean)
+    assert torch.allclose(layer.nll(y, mean, groups, positions), dense, rtol=0, atol=1e-10)
+
+
 def test_kronecker_and_deep_kernel_blups():
     groups, positions, y, mean = kronecker_batch()
     layer = perturb(KroneckerCovariance(AR1Matrix(2), AR1Matrix(3), 4), 9)
@@ -309,6 +318,44 @@ def test_float32_network_float64_covariance_algebra():
     assert layer.nll(y, net(x), g).dtype == torch.float64
 
 
+def fitted_layers():
+    """A fitted layer of each kind with its training index and new rows to predict."""
+    groups, positions, y, mean = grouped_batch()
+    grouped = perturb(GroupedCovariance(AR1Matrix(4), 6), 11)
+    k_groups, k_pos, k_y, k_mean = kronecker_batch()
+    kron = perturb(KroneckerCovariance(AR1Matrix(2), AR1Matrix(3), 4), 12)
+    g = torch.Generator().manual_seed(4)
+    phi, phi_new = torch.randn(10, 2, generator=g, dtype=D), torch.randn(3, 2, generator=g, dtype=D)
+    kernel = perturb(DeepKernel(2), 13)
+    return [(grouped, (y, mean, groups, positions), (torch.zeros(3), groups[:3], positions[:3])),
+            (kron, (k_y, k_mean, k_groups, k_pos), (torch.zeros(3), k_groups[:3], k_pos[:3])),
+            (kernel, (y, mean, phi), (torch.zeros(3), phi_new)),
+            (perturb(RandomIntercept(6), 14), (y, mean, groups), (torch.zeros(3), groups[:3]))]
+
+
+def test_float32_layers_fit_blups_and_predict_like_float64():
+    for layer, train, new in fitted_layers():
+        expected = (layer.fit_blups(*train), layer.predict(*new))
+        layer.float()           # float32 parameters and buffers (e.g. model.float())
+        got = (layer.fit_blups(*train), layer.predict(*new))
+        assert got[0].dtype == torch.float32 and got[1].dtype == torch.float32
+        for a, b in zip(got, expected):
+            assert torch.allclose(a.double(), b.double(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_layers_on_cuda_match_cpu():
+    for layer, train, new in fitted_layers():
+        expected = (layer.nll(*train), layer.fit_blups(*train), layer.predict(*new))
+        layer.cuda()
+        # tensors on the GPU; integer index lists (groups, positions) may stay on the host
+        cuda_train = [t.cuda() if t.is_floating_point() else t.tolist() for t in train]
+        cuda_new = [t.cuda() if t.is_floating_point() else t.tolist() for t in new]
+        got = (layer.nll(*cuda_train), layer.fit_blups(*cuda_train), layer.predict(*cuda_new))
+        for a, b in zip(got, expected):
+            assert a.is_cuda and torch.allclose(a.cpu(), b, rtol=1e-10, atol=1e-10)
+
+
 def test_a_model_owns_several_layers_and_saves_their_blups():
     class TwoResponses(nn.Module):
         def __init__(self):
@@ -384,6 +431,17 @@ def test_bad_input_raises_clear_errors():
         kernel.nll(y, mean, torch.full((3, 2), float("nan")))
     with pytest.raises(ValueError, match="covariance has shape"):
         gaussian_nll(ScalarMatrix(2), y, mean)
+    empty, no_groups = torch.zeros(0), torch.zeros(0, dtype=torch.long)
+    for empty_layer, index in ((layer, (no_groups,)), (grouped, (no_groups,)),
+                               (kernel, (torch.zeros(0, 2),))):
+        with pytest.raises(ValueError, match="empty: a batch needs at least one row"):
+            empty_layer.nll(empty, empty, *index, reduction="mean")
+    with pytest.raises(ValueError, match="groups is empty"):
+        layer.batch_model(no_groups)
+    with pytest.raises(TypeError, match="features must be a floating-point tensor"):
+        kernel.batch_model([[1.0, 2.0]])
+    with pytest.raises(ValueError, match=r"features must have shape \(n, 2\)"):
+        kernel.batch_model(torch.ones(3))
 
 
 def test_group_batch_sampler_yields_whole_groups_once_per_epoch():
