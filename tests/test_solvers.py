@@ -319,6 +319,28 @@ def test_woodbury_fit_matches_lme4():
                                rtol=1e-4, atol=1e-4 * float(cov.abs().max()))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name, make", [
+    ("kronecker", KRONECKER_MODELS["ar1 x ar1 + nugget"]),
+    ("grouped", grouped_models()["intercept, grouped ar1"]),
+    ("grouped", grouped_models()["two terms, diagonal"]),
+    ("woodbury", woodbury_models()["crossed"])])
+def test_solvers_on_cuda_match_cpu(name, make):
+    n = make().shape[0]
+    y, X = data(n)
+    free = 0.5 * randn(identified(make()).num_free_params, g=gen(7))
+    results = []
+    for device in ("cpu", "cuda"):
+        model = identified(make().to(device))
+        solver = select_solver(model, name)
+        state = solver.state(free.to(device), y.to(device), X.to(device), "reml")
+        results.append([state.neg_loglik, solver.gradient(free.to(device), state),
+                        solver.average_information(free.to(device), state)])
+    for cpu, cuda in zip(*results):
+        assert cuda.is_cuda
+        assert_rel(cuda.cpu(), cpu, "CUDA against CPU")
+
+
 # ------------------------------------------------------------------------------- dispatch
 @pytest.mark.parametrize("model_id, expected", [
     ("a", "grouped"), ("b", "grouped"), ("c", "grouped"), ("d", "woodbury"),

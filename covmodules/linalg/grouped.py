@@ -130,7 +130,7 @@ class GroupedSolver(StructuredSolver):
         self.buckets = []
         for s in torch.unique(sizes).tolist():
             first = starts[sizes == s]
-            self.buckets.append(order[first[:, None] + torch.arange(s)])
+            self.buckets.append(order[first[:, None] + torch.arange(s, device=first.device)])
         self.blocks = [[self._rows(p, idx) for p in self.pieces] for idx in self.buckets]
         self.full = [any(b is not None and not b.common for b in blocks)
                      or any(isinstance(p.module, DiagonalMatrix) for p in self.pieces)
@@ -161,7 +161,7 @@ class GroupedSolver(StructuredSolver):
         counts = [torch.unique(p.codes[p.codes >= 0]).numel() for p in pieces]
         codes = pieces[counts.index(min(counts))].codes.clone()
         loose = codes < 0
-        codes[loose] = int(codes.max()) + 1 + torch.arange(int(loose.sum()))
+        codes[loose] = int(codes.max()) + 1 + torch.arange(int(loose.sum()), device=codes.device)
         groups = torch.unique(codes, return_inverse=True)[1]
         num = int(groups.max()) + 1
         for p in pieces:
