@@ -113,14 +113,14 @@ class MixedModel(Operator):
         """``Z W`` for random term ``name`` (no dense ``Z`` for a block design)."""
         Z = self.designs[name]
         if isinstance(Z, BlockDesignMatrix):
-            return Z.matmul(W)
+            return Z.product(W)
         return self.design(name).to(W) @ W
 
     def zt_matmul(self, name: str, W: torch.Tensor) -> torch.Tensor:
         """``Zᵀ W`` for random term ``name``."""
         Z = self.designs[name]
         if isinstance(Z, BlockDesignMatrix):
-            return Z.rmatmul(W)
+            return Z.transposed_product(W)
         return self.design(name).to(W).T @ W
 
     def _terms(self, nat):

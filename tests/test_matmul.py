@@ -39,9 +39,10 @@ def test_block_design_products_and_errors():
         dense[i, 3 * c:3 * c + 3] = values[i]
     torch.testing.assert_close(Z(), dense)
     W = torch.randn(9, 2, generator=g, dtype=DT)
+    torch.testing.assert_close(Z.product(W), dense @ W)
     torch.testing.assert_close(Z.matmul(W), dense @ W)
     R = torch.randn(6, 2, generator=g, dtype=DT)
-    torch.testing.assert_close(Z.rmatmul(R), dense.T @ R)
+    torch.testing.assert_close(Z.transposed_product(R), dense.T @ R)
     with pytest.raises(ValueError, match="codes must lie in"):
         BlockDesignMatrix(torch.tensor([0, 3]), torch.ones(2, 1), 3)
     with pytest.raises(ValueError, match="values must have shape"):

@@ -55,9 +55,10 @@ class BlockDesignMatrix(Structure):
         self.num_levels = check_size(num_levels, "num_levels")
         codes = torch.as_tensor(codes)
         values = torch.as_tensor(values)
-        if codes.dim() != 1 or codes.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"codes must be a 1-D integer tensor, got {codes.dtype} of shape "
-                             f"{tuple(codes.shape)}")
+        if codes.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"codes must be an integer tensor, got {codes.dtype}")
+        if codes.dim() != 1:
+            raise ValueError(f"codes must be 1-D, got shape {tuple(codes.shape)}")
         if values.dim() == 1:
             values = values[:, None]
         if values.dim() != 2 or values.shape[0] != codes.shape[0]:
@@ -78,17 +79,19 @@ class BlockDesignMatrix(Structure):
     def shape(self):
         return (self.codes.shape[0], self.num_levels * self.k)
 
-    def matmul(self, W: torch.Tensor) -> torch.Tensor:
-        """``Z W``."""
+    def product(self, W: torch.Tensor) -> torch.Tensor:
+        """``Z W`` for ``W`` of shape ``(L k, r)``, differentiable in ``W``."""
         return block_matmul(self.codes, self.values, self.num_levels, W)
 
-    def rmatmul(self, W: torch.Tensor) -> torch.Tensor:
-        """``Zᵀ W``."""
+    def transposed_product(self, W: torch.Tensor) -> torch.Tensor:
+        """``Zᵀ W`` for ``W`` of shape ``(n, r)``, differentiable in ``W``."""
         return block_rmatmul(self.codes, self.values, self.num_levels, W)
 
+    def _matmul(self, nat, W):
+        return self.product(W)
+
     def _evaluate(self, nat):
-        eye = torch.eye(self.shape[1], dtype=nat.dtype, device=self.codes.device)
-        return self.matmul(eye)
+        return self.product(torch.eye(self.shape[1], dtype=nat.dtype, device=self.codes.device))
 
     def _jacobian(self, nat):
         return nat.new_zeros(0, *self.shape)
