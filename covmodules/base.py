@@ -292,25 +292,15 @@ class CovarianceModule(nn.Module, abc.ABC):
         return torch.cat([free, fixed])[torch.argsort(order)]
 
     def _natural(self, raw: torch.Tensor) -> torch.Tensor:
-        """Apply each parameter's transform (grouped by transform)."""
-        out = torch.empty_like(raw)
-        groups: dict[Transform, list[int]] = {}
-        for i, t in enumerate(self.param_trans):
-            groups.setdefault(t, []).append(i)
-        for t, idx in groups.items():
-            index = torch.tensor(idx, device=raw.device)
-            out[index] = t.forward(raw[index])
-        return out
+        """Apply each parameter's transform."""
+        return _by_transform(raw, self.param_trans, "forward")
 
     def _free_index_tensor(self, device) -> torch.Tensor:
         return torch.tensor(self.free_param_index, dtype=torch.long, device=device)
 
     def _free_derivative(self, free: torch.Tensor) -> torch.Tensor:
         """Element-wise derivative of the free parameters' transforms."""
-        out = torch.empty_like(free)
-        for j, t in enumerate(self.free_param_trans):
-            out[j] = t.derivative(free[j])
-        return out
+        return _by_transform(free, self.free_param_trans, "derivative")
 
     def _differentiable_free(self, free_params) -> torch.Tensor:
         """The registered free parameters (checked finite; gradients reach them) or the
@@ -449,6 +439,18 @@ class CovarianceModule(nn.Module, abc.ABC):
     def _apply(self, fn, *args, **kwargs):
         self.reset_intermediates()
         return super()._apply(fn, *args, **kwargs)
+
+
+def _by_transform(x: torch.Tensor, transforms: list[Transform], method: str) -> torch.Tensor:
+    """``transforms[i].<method>(x[i])`` for every ``i``, one call per distinct transform."""
+    out = torch.empty_like(x)
+    groups: dict[Transform, list[int]] = {}
+    for i, t in enumerate(transforms):
+        groups.setdefault(t, []).append(i)
+    for t, idx in groups.items():
+        index = torch.tensor(idx, device=x.device)
+        out[index] = getattr(t, method)(x[index])
+    return out
 
 
 def _fingerprint(params: torch.Tensor):
