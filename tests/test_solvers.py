@@ -319,6 +319,24 @@ def test_woodbury_fit_matches_lme4():
                                rtol=1e-4, atol=1e-4 * float(cov.abs().max()))
 
 
+@pytest.mark.parametrize("name, make", [
+    ("kronecker", KRONECKER_MODELS["ar1 x ar1 + nugget"]),
+    ("kronecker", KRONECKER_MODELS["unstructured x ar1"]),
+    ("grouped", grouped_models()["intercept + slope, iid"]),
+    ("woodbury", woodbury_models()["slope, diagonal residual"]),
+    ("woodbury", woodbury_models()["crossed"])])
+def test_overflowing_parameters_raise_not_positive_definite(name, make):
+    """An overflowing variance (an AI step too far) is a NotPositiveDefiniteError, which the
+    fitting loop answers by step halving, in every solver (not eigh's own error)."""
+    model = identified(make())
+    y, X = data(model.shape[0])
+    free = model.free_param_defaults.clone()
+    free[0] = 1000.0                                           # exp(2000) = inf
+    for solver in (name, "dense"):
+        with pytest.raises(NotPositiveDefiniteError):
+            SOLVERS[solver](model).state(free, y, X, "reml")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("name, make", [
     ("kronecker", KRONECKER_MODELS["ar1 x ar1 + nugget"]),

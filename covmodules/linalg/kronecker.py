@@ -79,6 +79,9 @@ class KroneckerFactor(Factor):
     """``V = (Qa ⊗ Qb) D (Qa ⊗ Qb)ᵀ`` with ``D = λa λbᵀ + s``; ``F = D^{-1/2} (Qa ⊗ Qb)ᵀ``."""
 
     def __init__(self, A: torch.Tensor, B: torch.Tensor, s):
+        if not (bool(torch.isfinite(A).all()) and bool(torch.isfinite(B).all())):
+            raise NotPositiveDefiniteError("a Kronecker factor is not finite at these "
+                                           "parameters; try other start values")
         self.la, self.Qa = torch.linalg.eigh(A)
         self.lb, self.Qb = torch.linalg.eigh(B)
         self.D = self.la[:, None] * self.lb[None, :] + s

@@ -47,6 +47,9 @@ DIAGONAL = (ScalarMatrix, IdentityMatrix, DiagonalMatrix)
 
 def root(G: torch.Tensor) -> torch.Tensor:
     """A factor ``Λ`` with ``Λ Λᵀ = G``: Cholesky, or ``Q diag(√λ)`` for a semi-definite ``G``."""
+    if not bool(torch.isfinite(G).all()):
+        raise NotPositiveDefiniteError("a random-effect covariance G is not finite at these "
+                                       "parameters")
     L, info = torch.linalg.cholesky_ex(G)
     if int(info) == 0:
         return L
