@@ -167,6 +167,9 @@ def test_complete_grid_orders_rows_and_checks_cells():
     assert grid.x_names == ["(Intercept)", "missing[2,2]"] and grid.shape == (2, 2)
     with pytest.raises(ValueError, match="share a grid cell"):
         complete_grid([1, 1], [1, 1], torch.zeros(2, dtype=DTYPE))
+    with pytest.raises(ValueError, match="x_names must name the 2 columns of X, got 1"):
+        complete_grid([1, 2], [1, 1], torch.zeros(2, dtype=DTYPE), torch.ones(2, 2, dtype=DTYPE),
+                      ["a"])
 
 
 def field_trial():
@@ -381,6 +384,10 @@ def test_dispatch_kronecker_and_dense():
         select_solver(AR1Matrix(12), "kronecker")
     with pytest.raises(ValueError, match="unknown solver"):
         select_solver(field, "sparse")
+    with pytest.raises(TypeError, match="solver must be a name"):
+        select_solver(field, DenseSolver)
+    with pytest.raises(ValueError, match="built for another model"):
+        select_solver(field, DenseSolver(AR1Matrix(48)))
 
 
 def test_dense_override_gives_the_same_fit():

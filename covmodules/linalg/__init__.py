@@ -40,8 +40,14 @@ def select_solver(model, solver=None) -> Solver:
     """
     identify(model)
     if isinstance(solver, Solver):
+        if solver.model is not model:
+            raise ValueError("solver was built for another model; pass a solver name or a "
+                             "Solver of this model")
         return solver
     if solver is not None:
+        if not isinstance(solver, str):
+            raise TypeError(f"solver must be a name from {list(SOLVERS)} or a Solver instance, "
+                            f"got {type(solver).__name__}")
         if solver not in SOLVERS:
             raise ValueError(f"unknown solver {solver!r}; choose one of {list(SOLVERS)}")
         try:
