@@ -30,10 +30,6 @@ class DenseState:
     neg_loglik: torch.Tensor
     method: str
 
-    def solve(self, B: torch.Tensor) -> torch.Tensor:
-        """``V⁻¹ B``."""
-        return torch.cholesky_solve(B, self.L)
-
     def solve_x(self) -> torch.Tensor:
         """``V⁻¹ X``."""
         return torch.linalg.solve_triangular(self.L.T, self.Xs, upper=True)

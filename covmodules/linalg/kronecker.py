@@ -219,12 +219,14 @@ def complete_grid(row, col, y, X=None, x_names=None, shape=None) -> GridData:
     if y.shape != (len(r),):
         raise ValueError(f"y must have one value per plot ({len(r)}), got {tuple(y.shape)}")
     if X is None:
-        X = torch.ones(len(r), 1, dtype=y.dtype)
+        X = torch.ones(len(r), 1, dtype=y.dtype, device=y.device)
         x_names = x_names or ["(Intercept)"]
     X = X if isinstance(X, torch.Tensor) else torch.as_tensor(np.asarray(X), dtype=y.dtype)
     if X.dim() != 2 or X.shape[0] != len(r):
         raise ValueError(f"X must have one row per plot ({len(r)}), got {tuple(X.shape)}")
     names = list(x_names) if x_names is not None else [f"x{j}" for j in range(X.shape[1])]
+    if len(names) != X.shape[1]:
+        raise ValueError(f"x_names must name the {X.shape[1]} columns of X, got {len(names)}")
     r0, c0 = int(r.min()), int(c.min())
     m, n = shape if shape is not None else (int(r.max()) - r0 + 1, int(c.max()) - c0 + 1)
     i, j = r - r0, c - c0
