@@ -199,7 +199,8 @@ def run_worker(case, solver, args):
            "--oracle", str(args.oracle)]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if out.returncode != 0:
-        return {"case": case, "solver": solver, "error": out.stderr.strip().splitlines()[-1]}
+        lines = out.stderr.strip().splitlines() or [f"exit status {out.returncode}"]
+        return {"case": case, "solver": solver, "error": lines[-1]}   # killed: no stderr
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
