@@ -25,12 +25,7 @@ SPEC = {"response": "y", "fixed": ["t"], "random": {"subject": {"group": "subjec
 EPOCHS = {"ai": 50, "lbfgs": 50, "adam": 40}     # adam stops at 40 steps, unconverged
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_data(path, num_subjects=21, seed=0):

@@ -230,17 +230,3 @@ class MixedModelDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return loader([*self.train_batches, *self.val_batches])
-
-    @property
-    def num_rows(self) -> int:
-        return 0 if self.frame is None else len(self.frame)
-
-    def describe(self) -> str:
-        """One line: rows, training/validation rows and batches (of this process under DDP)."""
-        rank, world = self._process
-        train_rows = sum(len(b) for b in self.train_batches)
-        val_rows = sum(len(b) for b in self.val_batches)
-        where = f" on process {rank} of {world}" if world > 1 else ""
-        return (f"{self.path}: {self.num_rows} rows; training {train_rows} rows in "
-                f"{len(self.train_batches)} batch(es){where}; validation {val_rows} rows in "
-                f"{len(self.val_batches)} batch(es)")

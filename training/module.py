@@ -46,7 +46,7 @@ from torchmetrics import MeanSquaredError, R2Score
 from covmodules import CovarianceModule
 from covmodules.base import Structure
 from covmodules.distributed import ShardedREML, world_size
-from covmodules.fitting import start_values
+from covmodules.fitting import OPTIMIZERS, start_values
 from covmodules.linalg import SOLVERS, UnsupportedStructure
 from covmodules.linalg.base import StructuredSolver
 from covmodules.optim import AIREML
@@ -60,7 +60,6 @@ from .monitoring import blup_values, component_blups, fitted_v_block, heatmap, l
 
 __all__ = ["REMLModule", "AIStep"]
 
-OPTIMIZERS = ("ai", "lbfgs", "adam", "sgd")
 # every process logs the same numbers (the objective is the whole training set's);
 # sync_dist says so to Lightning under DDP (the mean of equal values)
 _EPOCH = {"on_step": False, "on_epoch": True, "batch_size": 1, "sync_dist": True}
