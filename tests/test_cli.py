@@ -11,6 +11,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from training.cli import build_cli, main
+import training.main
 from training.main import NLME, comparison
 
 from oracle import load_oracle
@@ -113,6 +114,13 @@ def test_bad_config_is_one_line_naming_the_key(change, message, in_tmp, capsys):
     assert code == 2 and len(errors) == 1 and errors[0].startswith("error: ")
     assert message in errors[0]
     assert "Traceback" not in errors[0]
+
+
+def test_main_job_bad_argument_is_one_line(in_tmp, capsys, monkeypatch):
+    monkeypatch.setattr(training.main, "CONFIG", str(ROOT / "configs" / "field_trial.yaml"))
+    assert training.main.main(["--data.path", "missing.csv"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert errors == ["error: data.path: file not found: missing.csv"]
 
 
 def test_console_script():

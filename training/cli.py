@@ -15,6 +15,7 @@ TensorBoard under ``lightning_logs/``. A mistake in a config ends the run with o
 from __future__ import annotations
 
 import sys
+from typing import Optional
 
 from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningCLI
@@ -25,7 +26,7 @@ from covmodules.specs import SpecError
 from .data import MixedModelDataModule
 from .module import REMLModule
 
-__all__ = ["REMLCLI", "build_cli", "main"]
+__all__ = ["REMLCLI", "build_cli", "run_cli", "main", "report"]
 
 TRAINER_DEFAULTS = {
     "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
@@ -54,14 +55,22 @@ def build_cli(args=None, run: bool = True) -> REMLCLI:
 
 def main(args=None) -> int:
     """Run the CLI; print the fit summary and where the logs are. Returns the exit status."""
-    try:
-        cli = build_cli(args)
-    except (SpecError, ArgumentError) as err:
-        print(f"error: {_one_line(err)}", file=sys.stderr)
+    cli = run_cli(args)
+    if cli is None:
         return 2
     if cli.subcommand == "fit":
         report(cli)
     return 0
+
+
+def run_cli(args=None) -> Optional[REMLCLI]:
+    """:func:`build_cli` and run; a mistake in the config or arguments prints
+    ``error: <key>: <what is wrong>`` on one line and returns ``None``."""
+    try:
+        return build_cli(args)
+    except (SpecError, ArgumentError) as err:
+        print(f"error: {_one_line(err)}", file=sys.stderr)
+        return None
 
 
 def report(cli: LightningCLI) -> None:

@@ -9,7 +9,7 @@ Extra arguments go to the CLI, e.g. ``--trainer.max_epochs 20``.
 import sys
 import time
 
-from .cli import build_cli, report
+from .cli import report, run_cli
 
 CONFIG = "configs/field_trial.yaml"
 
@@ -36,12 +36,15 @@ def comparison(params: dict, loglik: float) -> str:
 def main(argv=None) -> int:
     start = time.perf_counter()
     args = ["fit", "--config", CONFIG, *(sys.argv[1:] if argv is None else argv)]
-    cli = build_cli(args)
+    cli = run_cli(args)
+    if cli is None:
+        return 2
     result = cli.model.result
     print()
     report(cli)
-    print("\nComparison with nlme's REML fit of the same model:")
-    print(comparison(result.params, result.loglik))
+    if result is not None:
+        print("\nComparison with nlme's REML fit of the same model:")
+        print(comparison(result.params, result.loglik))
     print(f"\nfit, logs and summary took {time.perf_counter() - start:.1f} s")
     return 0
 
