@@ -13,7 +13,7 @@ from .distributed import ShardedREML, world_size
 from .reml import REML
 from .results import FitResult
 
-__all__ = ["fit", "start_values"]
+__all__ = ["fit", "start_values", "torch_optimizer"]
 
 OPTIMIZERS = ("ai", "lbfgs", "adam", "sgd")
 
@@ -100,17 +100,21 @@ def start_values(objective: REML, start=None) -> torch.Tensor:
     return model._check_free(start).detach().to(torch.float64)
 
 
+def torch_optimizer(method: str, params, lr: float = 0.05) -> torch.optim.Optimizer:
+    """The torch optimiser ``fit`` uses for ``method`` (``"lbfgs"``, ``"adam"``, ``"sgd"``):
+    LBFGS with a strong-Wolfe line search and tight tolerances; Adam / SGD at ``lr``."""
+    if method == "lbfgs":
+        return torch.optim.LBFGS(params, lr=1.0, max_iter=20, tolerance_grad=1e-12,
+                                 tolerance_change=1e-14, history_size=20,
+                                 line_search_fn="strong_wolfe")
+    return (torch.optim.Adam if method == "adam" else torch.optim.SGD)(params, lr=lr)
+
+
 def _torch_fit(objective, free, method, max_iter, tol, lr, callback):
     model = objective.model
     model.set_free_params(free)
     params = [p for p in model.parameters() if p.requires_grad]
-    if method == "lbfgs":
-        opt = torch.optim.LBFGS(params, lr=1.0, max_iter=20, tolerance_grad=1e-12,
-                                tolerance_change=1e-14, history_size=20,
-                                line_search_fn="strong_wolfe")
-    else:
-        cls = torch.optim.Adam if method == "adam" else torch.optim.SGD
-        opt = cls(params, lr=lr)
+    opt = torch_optimizer(method, params, lr)
 
     def closure():
         opt.zero_grad()

@@ -46,7 +46,7 @@ from torchmetrics import MeanSquaredError, R2Score
 from covmodules import CovarianceModule
 from covmodules.base import Structure
 from covmodules.distributed import ShardedREML, world_size
-from covmodules.fitting import OPTIMIZERS, start_values
+from covmodules.fitting import OPTIMIZERS, start_values, torch_optimizer
 from covmodules.linalg import SOLVERS, UnsupportedStructure
 from covmodules.linalg.base import StructuredSolver
 from covmodules.optim import AIREML
@@ -212,12 +212,7 @@ class REMLModule(L.LightningModule):
         if name == "ai":
             return AIStep(lambda: self.objective, tol=self.hparams.tol)
         params = [p for p in self.covariance.parameters() if p.requires_grad]
-        if name == "lbfgs":
-            return torch.optim.LBFGS(params, lr=1.0, max_iter=20, tolerance_grad=1e-12,
-                                     tolerance_change=1e-14, history_size=20,
-                                     line_search_fn="strong_wolfe")
-        cls = torch.optim.Adam if name == "adam" else torch.optim.SGD
-        return cls(params, lr=self.hparams.lr)
+        return torch_optimizer(name, params, self.hparams.lr)
 
     def on_fit_start(self) -> None:
         for p in self._shards or []:
