@@ -1,6 +1,7 @@
 """Data-parallel REML: sharded over batches and over 2 gloo processes, exact."""
 
 import contextlib
+import socket
 import warnings
 
 import pytest
@@ -80,9 +81,15 @@ def test_single_shard_equals_the_unsharded_grouped_objective():
     assert sharded.residual_variance() == pytest.approx(reference.residual_variance(), rel=1e-12)
 
 
-def _worker(rank, world, init_file, out_file):
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, out_file):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world)
     # uneven: rank 0 holds 7 subjects in one batch, rank 1 holds 13 in two batches
     sets = [[list(range(7))], [list(range(7, 12)), list(range(12, 20))]][rank]
@@ -101,7 +108,7 @@ def _worker(rank, world, init_file, out_file):
 
 def test_two_gloo_processes_equal_the_single_process_fit(tmp_path):
     out_file = str(tmp_path / "results.pt")
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), out_file), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, _free_port(), out_file), nprocs=2, join=True)
     results = torch.load(out_file)
     for method, kwargs in (("ai", {}), ("lbfgs", {}), ("adam", {"max_iter": 60})):
         with pytest.warns(UserWarning) if method == "adam" else contextlib.nullcontext():

@@ -69,10 +69,14 @@ def test_ml_fit_equals_plain_fit(tmp_path):
     assert ours.params == pytest.approx(ref.params, rel=1e-6)
 
 
-@pytest.mark.parametrize("optimizer, stop_at", [("ai", 3), ("lbfgs", 1)])
-def test_resume_from_checkpoint_equals_uninterrupted(optimizer, stop_at, tmp_path):
+# Ovary's REML surface is so flat along (sigma^2, rho) that LBFGS's end point is pinned only to
+# ~2e-8: there the comparison would test bit-level reproducibility rather than the restored
+# state, so LBFGS resumes on sleepstudy, whose optimum is well determined.
+@pytest.mark.parametrize("optimizer, stop_at, name", [("ai", 3, "ovary"),
+                                                       ("lbfgs", 1, "sleepstudy")])
+def test_resume_from_checkpoint_equals_uninterrupted(optimizer, stop_at, name, tmp_path):
     def run(directory, max_epochs, ckpt_path=None):
-        p = problem("ovary")
+        p = problem(name)
         module = REMLModule(p.model, p.y, p.X, p.x_names, optimizer=optimizer)
         checkpoint = ModelCheckpoint(dirpath=directory, monitor="loglik", mode="max",
                                      save_last=True)
