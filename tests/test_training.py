@@ -11,7 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from covmodules import fit
 from covmodules.reml import REML
-from covmodules.specs import ModelSpec
+from covmodules.specs import ModelSpec, SpecError
 from training import MixedModelDataModule, REMLModule, REMLStatistics
 
 from oracle import DATA, load_oracle
@@ -91,6 +91,18 @@ def test_resume_from_checkpoint_equals_uninterrupted(optimizer, stop_at, name, t
     assert resumed.converged and resumed.result.iterations == whole.result.iterations
     assert abs(resumed.result.loglik - whole.result.loglik) < 1e-8
     assert resumed.result.params == pytest.approx(whole.result.params, rel=1e-8, abs=1e-12)
+
+
+def test_load_from_checkpoint_without_a_model_is_a_clear_error(tmp_path):
+    p = problem("sleepstudy")
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer(tmp_path, 1, [checkpoint]).fit(REMLModule(p.model, p.y, p.X, p.x_names))
+    with pytest.raises(SpecError, match="needs the model"):
+        REMLModule.load_from_checkpoint(checkpoint.last_model_path)
+    p2 = problem("sleepstudy")
+    loaded = REMLModule.load_from_checkpoint(checkpoint.last_model_path, covariance=p2.model,
+                                             y=p2.y, X=p2.X, x_names=p2.x_names)
+    assert len(loaded.history) == 1
 
 
 def test_datamodule_batches_whole_groups_and_holds_out_groups(tmp_path):

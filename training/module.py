@@ -443,6 +443,10 @@ class REMLModule(L.LightningModule):
                               "start": start, "ai": None if ai is None else ai.state_dict()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.covariance is None:
+            raise SpecError("REMLModule.load_from_checkpoint needs the model: pass covariance, y "
+                            "and X, or give the checkpoint to Trainer.fit/predict(..., "
+                            "datamodule=..., ckpt_path=...)")
         data = _data_keys(self)        # the saving process's rows: keep this process's own
         checkpoint.setdefault("state_dict", {}).update(
             {k: v for k, v in self.state_dict().items() if k in data})
