@@ -216,7 +216,7 @@ class AIREML:
             raise NotPositiveDefiniteError(
                 f"V is not positive definite at the start values {dict(zip(self.names, natural))};"
                 " set other start values (e.g. larger variances, correlations nearer 0)")
-        self.active = torch.ones(len(self.free), dtype=torch.bool)
+        self.active = torch.ones(len(self.free), dtype=torch.bool, device=self.free.device)
         self.boundary, self.history, self.released = [], [], [0] * len(self.free)
         self.iterations, self.damping, self.converged, self.done = 0, 0.0, False, False
         self.ai = None
@@ -247,7 +247,7 @@ class AIREML:
         self.iterations += 1
         delta = (newton if self.damping == 0.0
                  else self._direction(self.ai, score, self.active, self.damping))
-        bounded = torch.tensor([k != "free" for k in self.kinds])
+        bounded = torch.tensor([k != "free" for k in self.kinds], device=self.free.device)
         halvings, trial = 0, None
         while halvings <= self.max_halvings:
             # up to two step halvings, then Levenberg-Marquardt damping grows instead
@@ -336,7 +336,7 @@ def scale_start(objective: REML) -> torch.Tensor:
     model = objective.model
     free = model.free_params().to(torch.float64)
     kinds = [_kind(t) for t in model.free_param_trans]
-    mask = torch.tensor([k == "variance" for k in kinds])
+    mask = torch.tensor([k == "variance" for k in kinds], device=free.device)
     if not bool(mask.any()):
         return free
     base = 0.5 * math.log(objective.residual_variance())

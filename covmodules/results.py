@@ -84,13 +84,13 @@ class FitResult:
         cov = np.full((len(names), len(names)), np.nan)
         if active:
             sub = self.ai[active][:, active]
-            cov[np.ix_(active, active)] = torch.linalg.pinv(sub, hermitian=True).numpy()
+            cov[np.ix_(active, active)] = torch.linalg.pinv(sub, hermitian=True).cpu().numpy()
         return cov
 
     @property
     def std_errors(self) -> dict[str, float]:
         """Standard errors of the free parameters on the natural scale (delta method)."""
-        d = self.model.trans_grad(self.free).abs().numpy()
+        d = self.model.trans_grad(self.free).abs().cpu().numpy()
         se = d * np.sqrt(np.clip(np.diag(self.param_cov), 0, None))
         return dict(zip(self.model.free_param_names, se.tolist()))
 
@@ -106,8 +106,8 @@ class FitResult:
     @property
     def fixed_effects(self) -> pd.DataFrame:
         """GLS estimates with standard errors, z values and two-sided normal p-values."""
-        beta = self.state.beta.numpy()
-        se = np.sqrt(np.diag(self.state.cov_beta.numpy()))
+        beta = self.state.beta.cpu().numpy()
+        se = np.sqrt(np.diag(self.state.cov_beta.cpu().numpy()))
         z = beta / se
         p = np.array([math.erfc(abs(v) / math.sqrt(2)) for v in z])
         return pd.DataFrame({"estimate": beta, "std_error": se, "z": z, "p_value": p},
@@ -142,7 +142,7 @@ class FitResult:
         out = {}
         with torch.no_grad():
             for name, u in self._blup_vectors().items():
-                out[name] = _blup_frame(u.numpy(), model.levels.get(name),
+                out[name] = _blup_frame(u.cpu().numpy(), model.levels.get(name),
                                         model.terms.get(name))
         return out
 
@@ -164,11 +164,11 @@ class FitResult:
             with torch.no_grad():
                 for name, u in self._blup_vectors().items():
                     out = out + model.z_matmul(name, u[:, None].to(out))[:, 0]
-        return out.numpy()
+        return out.cpu().numpy()
 
     def residuals(self, conditional: bool = True) -> np.ndarray:
         """``y`` minus :meth:`fitted`."""
-        return self.objective.y.to(torch.float64).numpy() - self.fitted(conditional)
+        return self.objective.y.to(torch.float64).cpu().numpy() - self.fitted(conditional)
 
     # -------------------------------------------------------------------- report
     def summary(self) -> str:

@@ -261,3 +261,16 @@ def test_ai_reml_stepwise_with_saved_state_equals_uninterrupted_run():
     assert resumed.converged and resumed.iterations == whole.iterations
     torch.testing.assert_close(resumed.free, whole.free, rtol=0, atol=1e-12)
     assert [h["loglik"] for h in resumed.history] == [h["loglik"] for h in whole.history]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fit_on_cuda_equals_cpu():
+    model, y, X, _ = small_problem(seed=7)
+    cpu = fit(model, y, X)
+    model_cuda, _, _, _ = small_problem(seed=7)
+    gpu = fit(model_cuda.cuda(), y.cuda(), X.cuda())
+    assert gpu.loglik == pytest.approx(cpu.loglik, rel=1e-10)
+    assert gpu.params == pytest.approx(cpu.params, rel=1e-8, abs=1e-10)
+    np.testing.assert_allclose(gpu.fixed_effects["estimate"], cpu.fixed_effects["estimate"],
+                               rtol=1e-8)
+    assert "logLik" in gpu.summary() and len(gpu.fitted()) == len(y)
