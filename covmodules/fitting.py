@@ -91,7 +91,7 @@ def start_values(objective: REML, start=None) -> torch.Tensor:
     model = objective.model
     if start is None:
         current = model.free_params().to(torch.float64)
-        if torch.equal(current, model.free_param_defaults):
+        if torch.equal(current.cpu(), model.free_param_defaults):
             return scale_start(objective)
         return current
     if isinstance(start, dict):
