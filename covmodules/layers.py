@@ -65,6 +65,7 @@ Example::
 
 from __future__ import annotations
 
+import abc
 import copy
 import math
 
@@ -290,7 +291,7 @@ def _reduce(total: torch.Tensor, n: int, reduction: str) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------ layers
-class CovarianceLayer(nn.Module):
+class CovarianceLayer(nn.Module, abc.ABC):
     """Base of the covariance layers: owned covariance modules, group codes, REML.
 
     A layer's covariance modules are its children; ``variance_components`` lists their
@@ -362,9 +363,9 @@ class CovarianceLayer(nn.Module):
         codes = codes.clamp(0, self.num_levels - 1)
         return codes, inside & self.seen[codes]
 
+    @abc.abstractmethod
     def batch_model(self, *index) -> CovarianceModule:
         """The batch's covariance module at the layer's current values (dense reference, REML)."""
-        raise NotImplementedError
 
     def reml_objective(self, y, X, *index, reduction: str = "sum", solver=None) -> REML:
         """The :class:`~covmodules.reml.REML` objective of the batch with fixed effects ``X``.
