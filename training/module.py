@@ -47,7 +47,7 @@ from covmodules import CovarianceModule
 from covmodules.base import Structure
 from covmodules.distributed import ShardedREML, world_size
 from covmodules.fitting import OPTIMIZERS, start_values, torch_optimizer
-from covmodules.linalg import SOLVERS, UnsupportedStructure
+from covmodules.linalg import applicable_solvers
 from covmodules.linalg.base import StructuredSolver
 from covmodules.optim import AIREML
 from covmodules.reml import REML
@@ -477,13 +477,7 @@ class _Rows:
 def _structured_solver(model: CovarianceModule) -> str:
     """The cheapest structured solver of a batch's model (the dense one, cheapest on a small
     batch, has no statistics to sum over batches)."""
-    candidates = []
-    for cls in SOLVERS.values():
-        if issubclass(cls, StructuredSolver):
-            try:
-                candidates.append(cls(model))
-            except UnsupportedStructure:
-                pass
+    candidates = [s for s in applicable_solvers(model) if isinstance(s, StructuredSolver)]
     if not candidates:
         raise SpecError("data: the model has no structured solver (grouped, woodbury, "
                         "kronecker), so the training set cannot be split over batches or "

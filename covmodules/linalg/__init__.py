@@ -25,6 +25,7 @@ from .kronecker import KroneckerSolver, complete_grid
 from .woodbury import WoodburySolver
 
 __all__ = ["NotPositiveDefiniteError", "UnsupportedStructure", "Solver", "DenseSolver",
+           "applicable_solvers",
            "KroneckerSolver", "GroupedSolver", "WoodburySolver", "SOLVERS", "select_solver",
            "identify", "complete_grid"]
 
@@ -55,14 +56,18 @@ def select_solver(model, solver=None) -> Solver:
         except UnsupportedStructure as err:
             raise ValueError(f"solver {solver!r} does not apply to this model's structure: "
                              f"{err}") from None
-    candidates = [DenseSolver(model)]
+    return min(applicable_solvers(model), key=lambda s: s.cost)
+
+
+def applicable_solvers(model) -> list[Solver]:
+    """A solver of each kind in :data:`SOLVERS` whose structure ``model`` has (dense always)."""
+    out = []
     for cls in SOLVERS.values():
-        if cls is not DenseSolver:
-            try:
-                candidates.append(cls(model))
-            except UnsupportedStructure:
-                pass
-    return min(candidates, key=lambda s: s.cost)
+        try:
+            out.append(cls(model))
+        except UnsupportedStructure:
+            continue
+    return out
 
 
 def identify(model) -> list[str]:
