@@ -26,19 +26,55 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .transforms import Transform
+from .transforms import Chain, Exp, ExpPow2, Sigmoid, Softplus, Transform
 
-__all__ = ["ParamSpec", "CovarianceModule", "Structure", "CovarianceFunction"]
+__all__ = ["ParamSpec", "CovarianceModule", "Structure", "CovarianceFunction", "default_role",
+           "ROLE_SCALE_POWER"]
+
+
+#: How a parameter's natural value scales when ``y`` is multiplied by ``s``: by ``s ** power``.
+ROLE_SCALE_POWER = {"variance": 2, "sd": 1, "loading": 1, "correlation": 0, "free": 0}
 
 
 @dataclass(frozen=True)
 class ParamSpec:
-    """One scalar parameter: its name, free-scale default, constraint transform, fixed flag."""
+    """One scalar parameter: its name, free-scale default, constraint transform, fixed flag and
+    role.
+
+    The role says what the natural value means: ``"variance"`` (positive, boundary at 0),
+    ``"sd"`` (a positive standard-deviation-like value, boundary at 0), ``"correlation"``
+    (bounded), ``"loading"`` (an unbounded value in the units of ``y``: a Cholesky or
+    factor-analytic loading) or ``"free"`` (unitless). ``None`` infers it from the transform.
+    """
 
     name: str
     default: float
     transform: Transform
     fixed: bool = False
+    role: str | None = None
+
+    def __post_init__(self):
+        role = default_role(self.transform) if self.role is None else self.role
+        if role not in ROLE_SCALE_POWER:
+            raise ValueError(f"role of parameter {self.name!r} must be one of "
+                             f"{list(ROLE_SCALE_POWER)}, got {role!r}")
+        object.__setattr__(self, "role", role)
+
+    @property
+    def scale_power(self) -> int:
+        """``k`` such that the natural value scales as ``s ** k`` when ``y`` scales by ``s``."""
+        return ROLE_SCALE_POWER[self.role]
+
+
+def default_role(transform: Transform) -> str:
+    """The role a transform implies: variance for ``exp(2x)`` / softplus, sd for ``exp(x)``,
+    correlation for a sigmoid (alone or in a chain), free otherwise."""
+    if isinstance(transform, (ExpPow2, Softplus)):
+        return "variance"
+    if isinstance(transform, Exp):
+        return "sd"
+    parts = transform.transforms if isinstance(transform, Chain) else [transform]
+    return "correlation" if any(isinstance(t, Sigmoid) for t in parts) else "free"
 
 
 class CovarianceFunction(torch.autograd.Function):
@@ -104,6 +140,14 @@ class CovarianceModule(nn.Module, abc.ABC):
         J = self._jacobian(nat)
         return (J.transpose(1, 2) if transpose else J) @ W
 
+    def sign_reflections(self) -> dict[int, list[int]]:
+        """Parameters whose sign may flip without changing the matrix: ``{i: [j, ...]}`` says
+        that negating parameter ``i`` and the parameters ``j`` together leaves ``V`` unchanged
+        (flat indices over all parameters). A positive parameter at its boundary whose
+        likelihood increases towards negative values can then continue on the other side:
+        e.g. a Cholesky column ``l_j`` enters ``V`` as ``l_j l_jᵀ``. None by default."""
+        return {}
+
     # ------------------------------------------------------------------ parameter registry
     @property
     def param_names(self) -> list[str]:
@@ -148,6 +192,11 @@ class CovarianceModule(nn.Module, abc.ABC):
     @property
     def fixed_param_trans(self) -> list[Transform]:
         return [s.transform for s in self.param_specs if s.fixed]
+
+    @property
+    def free_param_roles(self) -> list[str]:
+        """The role of each free parameter (see :class:`ParamSpec`)."""
+        return [s.role for s in self.param_specs if not s.fixed]
 
     @property
     def num_params(self) -> int:
@@ -483,11 +532,14 @@ class Structure(CovarianceModule):
         super().__init__()
         self._specs: list[ParamSpec] = []
 
-    def add_param(self, name: str, default: float, transform: Transform) -> None:
-        """Register a free scalar parameter on the free scale at ``default``."""
-        value = torch.tensor(float(default), dtype=torch.float64)
-        self.register_parameter(name, nn.Parameter(value))
-        self._specs.append(ParamSpec(name, float(default), transform))
+    def add_param(self, name: str, default: float, transform: Transform,
+                  role: str | None = None) -> None:
+        """Register a free scalar parameter on the free scale at ``default`` (``role``: see
+        :class:`ParamSpec`; inferred from the transform when omitted)."""
+        spec = ParamSpec(name, float(default), transform, role=role)
+        self.register_parameter(name, nn.Parameter(torch.tensor(float(default),
+                                                                dtype=torch.float64)))
+        self._specs.append(spec)
 
     @property
     def param_specs(self) -> list[ParamSpec]:

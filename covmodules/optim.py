@@ -11,9 +11,16 @@ Each iteration at free parameters ``θ``:
   and correlations, is halved (twice at most, then the damping grows) until ``-l`` decreases
   and ``V`` is positive definite.
 
+Every decision is scale-free, so that ``y → s y`` gives the same iterations with variances
+``× s²``: the conditioning test and the damping act on the Jacobi-scaled AI matrix
+``D^{-1/2} AI D^{-1/2}`` (``D`` its diagonal), thresholds on variances are relative to the
+data's variance and each parameter's unit follows from its role (:class:`ParameterScale`).
+
 Variance parameters that run to zero (or correlations to ±1) are fixed at the boundary with a
-"singular fit" warning instead of stalling. Convergence is declared on the Newton decrement
-``sᵀΔ``, the score norm, or a negligible change of both ``l`` and ``θ``.
+"singular fit" warning instead of stalling (:func:`settle_boundary`, shared with the torch
+optimisers of :func:`covmodules.fit`). Convergence is declared on the Newton decrement
+``sᵀΔ``, the Jacobi-scaled score, or a negligible change of both ``l`` and ``θ``. Every loop
+is bounded; a non-finite score or AI matrix stops the run with a warning.
 
 Example::
 
@@ -37,9 +44,13 @@ import torch
 
 from .linalg import NotPositiveDefiniteError
 from .reml import REML
-from .transforms import Chain, Exp, ExpPow2, Sigmoid, Softplus, Transform
 
-__all__ = ["AIREML", "AIRun", "scale_start"]
+__all__ = ["AIREML", "AIRun", "ParameterScale", "scale_start", "settle_boundary",
+           "unidentified_params"]
+
+BOUNDED_ROLES = ("variance", "sd", "correlation")   # steps clipped on their log / logit scale
+POSITIVE_ROLES = ("variance", "sd")                 # boundary at zero
+CORRELATION_BOUNDARY = 18.0                         # |free| beyond this: correlation at ±1
 
 
 @dataclass
@@ -59,15 +70,175 @@ class AIRun:
         return -float(self.state.neg_loglik)
 
 
-def _kind(t: Transform) -> str:
-    """'variance' (positive, boundary at 0), 'correlation' (bounded, sigmoid) or 'free'."""
-    if isinstance(t, (ExpPow2, Exp, Softplus)):
-        return "variance"
-    if isinstance(t, Chain) and any(isinstance(s, Sigmoid) for s in t.transforms):
-        return "correlation"
-    if isinstance(t, Sigmoid):
-        return "correlation"
-    return "free"
+class ParameterScale:
+    """The free parameters measured on the data's scale, from their roles.
+
+    A parameter whose natural value scales as ``s ** k`` with ``y → s y`` (``k`` = 2 for a
+    variance, 1 for a standard deviation or loading, 0 for a correlation) has the natural unit
+    ``v ** (k / 2)`` with ``v`` the variance of the OLS residuals; its *free* unit is that
+    unit divided by the transform's slope there (1 on a log or logit scale, the natural unit
+    on the identity scale). Boundary values and thresholds are fractions of these units.
+    """
+
+    def __init__(self, model, data_variance: float):
+        specs = [s for s in model.param_specs if not s.fixed]
+        self.names = [s.name for s in specs]
+        self.roles = [s.role for s in specs]
+        self.powers = [s.scale_power for s in specs]
+        self.transforms = [s.transform for s in specs]
+        self.data_variance = float(data_variance)
+        free_index = {i: k for k, i in enumerate(model.free_param_index)}
+        self.reflections = {free_index[i]: [free_index[j] for j in js]
+                            for i, js in model.sign_reflections().items()
+                            if i in free_index and all(j in free_index for j in js)}
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def natural_unit(self, k: int, fraction: float = 1.0) -> float:
+        """``(fraction · v) ** (k / 2)``: a value of parameter ``k`` on the data's scale."""
+        return (fraction * self.data_variance) ** (self.powers[k] / 2)
+
+    def free_units(self) -> torch.Tensor:
+        """The free-scale unit of every parameter (see the class docstring)."""
+        units = []
+        for k, t in enumerate(self.transforms):
+            if self.powers[k] == 0:
+                units.append(1.0)
+                continue
+            unit = torch.tensor(self.natural_unit(k), dtype=torch.float64)
+            units.append(float(unit / t.derivative(t.inverse(unit)).abs()))
+        return torch.tensor(units, dtype=torch.float64)
+
+    def free_value(self, k: int, natural: float) -> float:
+        return float(self.transforms[k].inverse(torch.tensor(natural, dtype=torch.float64)))
+
+    def reflect(self, free: torch.Tensor, k: int) -> None:
+        """Negate the natural values of parameter ``k``'s sign partners in ``free`` (``V`` is
+        unchanged; ``k`` itself may then move away from its boundary on the other side)."""
+        for j in self.reflections[k]:
+            t = self.transforms[j]
+            free[j] = t.inverse(-t.forward(free[j]))
+
+    def implied_variance(self, k: int, x: float) -> float:
+        """The variance a positive parameter at free value ``x`` stands for."""
+        value = float(self.transforms[k].forward(torch.tensor(x, dtype=torch.float64)))
+        return value ** (2 / self.powers[k])
+
+    def boundary_value(self, k: int, direction: float) -> float:
+        """The free value standing for the boundary: ±1 for a correlation (on the side of
+        ``direction``), a variance of ``1e-10 v`` for a positive parameter."""
+        if self.roles[k] == "correlation":
+            return math.copysign(CORRELATION_BOUNDARY + 0.5, direction)
+        return self.free_value(k, self.natural_unit(k, 1e-10))
+
+    def at_boundary(self, k: int, x: float) -> bool:
+        if self.roles[k] == "correlation":
+            return abs(x) > CORRELATION_BOUNDARY
+        if self.roles[k] in POSITIVE_ROLES:
+            return self.implied_variance(k, x) < 1e-8 * self.data_variance
+        return False
+
+    def is_tiny(self, k: int, x: float, below: float) -> bool:
+        """Whether positive parameter ``k`` stands for a variance under ``below · v``."""
+        return (self.roles[k] in POSITIVE_ROLES
+                and self.implied_variance(k, x) < below * self.data_variance)
+
+
+def _rounding(neg_loglik) -> float:
+    """The rounding error of ``-l``: differences below it are noise. (``-l`` moves by
+    ``(n - p) log s`` when ``y → s y``, so a larger relative slack would let the scale of
+    ``y`` decide which steps are accepted.)"""
+    return 100 * torch.finfo(torch.float64).eps * max(1.0, abs(float(neg_loglik)))
+
+
+def _finite_state(objective, free):
+    """The objective's state at ``free``, or ``None`` where ``V`` is not positive definite or
+    the log-likelihood is not finite."""
+    try:
+        state = objective.state(free)
+    except NotPositiveDefiniteError:
+        return None
+    return state if bool(torch.isfinite(state.neg_loglik)) else None
+
+
+def try_boundary(objective, scale: ParameterScale, free, k, state, below, slack):
+    """The state with positive parameter ``k`` moved to its boundary, when it stands for a
+    variance under ``below · v`` and the move lowers ``l`` by at most ``slack``; else ``None``
+    (``free`` is changed only on success)."""
+    if not scale.is_tiny(k, float(free[k]), below):
+        return None
+    probe = free.clone()
+    boundary = scale.boundary_value(k, -1.0)
+    if scale.implied_variance(k, boundary) > scale.implied_variance(k, float(free[k])):
+        return state                   # already nearer zero than the boundary value
+    probe[k] = boundary
+    trial = _finite_state(objective, probe)
+    if trial is None or float(trial.neg_loglik) > float(state.neg_loglik) + slack:
+        return None
+    free[k] = probe[k]
+    return trial
+
+
+#: ``(below, slack)``: a variance under ``below`` times the data's variance is moved to the
+#: boundary when that lowers ``l`` by at most ``slack``.
+SETTLE_RULES = ((1e-3, 0.0), (1e-6, 1e-9))
+
+
+def settle_boundary(objective, free: torch.Tensor, state, scale: ParameterScale | None = None,
+                    active: torch.Tensor | None = None, rules=SETTLE_RULES):
+    """Fix parameters at the boundary of the parameter space after an optimiser stopped.
+
+    A positive parameter standing for a small variance is moved to the boundary when that
+    does not lower ``l`` (below 1e-3 of the data's variance) or lowers it by at most 1e-9
+    (below 1e-6; a log or softplus scale reaches zero only asymptotically, and a first-order
+    optimiser slowly); a correlation whose free value is beyond ±18 is at ±1. The same rules
+    serve AI-REML and the torch optimisers. ``free`` (and ``active``) are updated in place.
+    Returns ``(names, state)``.
+    """
+    scale = scale or ParameterScale(objective.model, objective.residual_variance())
+    active = torch.ones(len(free), dtype=torch.bool) if active is None else active
+    names = []
+    for k in range(len(free)):
+        if not active[k]:
+            continue
+        if scale.roles[k] == "correlation" and scale.at_boundary(k, float(free[k])):
+            names.append(scale.names[k])
+            active[k] = False
+            continue
+        trial = None
+        for below, slack in rules:
+            trial = trial or try_boundary(objective, scale, free, k, state, below, slack)
+        if trial is not None:
+            state = trial
+            names.append(scale.names[k])
+            active[k] = False
+    return names, state
+
+
+def unidentified_params(ai: torch.Tensor, names: list[str], active=None,
+                        tol: float = 1e-10) -> list[str]:
+    """Free parameters in the null space of the AI matrix (their standard errors do not exist).
+
+    The active block of ``ai`` is Jacobi scaled (unit diagonal); a parameter is unidentified
+    when its diagonal is zero or it weighs in an eigenvector whose eigenvalue is below ``tol``
+    (the estimates are then correlated to ``1 - tol``).
+    """
+    idx = [k for k in range(len(names)) if active is None or bool(active[k])]
+    if not idx or not bool(torch.isfinite(ai).all()):
+        return [names[k] for k in idx] if not bool(torch.isfinite(ai).all()) else []
+    A = ai[idx][:, idx].to(torch.float64).cpu()
+    d = A.diagonal().clamp(min=0).sqrt()
+    out = {k for k, dk in zip(idx, d.tolist()) if dk <= 0}
+    keep = d > 0
+    if bool(keep.any()):
+        sub = A[keep][:, keep] / torch.outer(d[keep], d[keep])
+        values, vectors = torch.linalg.eigh(0.5 * (sub + sub.T))
+        kept = [k for k, ok in zip(idx, keep.tolist()) if ok]
+        for j in range(len(values)):
+            if float(values[j]) <= tol * max(float(values[-1]), 1.0):
+                out |= {kept[i] for i in range(len(kept)) if abs(float(vectors[i, j])) > 0.1}
+    return [names[k] for k in sorted(out)]
 
 
 class AIREML:
@@ -83,64 +254,67 @@ class AIREML:
         callback: called as ``callback(record)`` after each iteration with the history record.
     """
 
+    MAX_DAMPING_GROWTH = 40     # damping 1e-8 ... 1e31: beyond it the AI matrix is unusable
+
     def __init__(self, objective: REML, max_iter: int = 50, tol: float = 1e-10,
                  max_halvings: int = 20, max_step: float = 2.0, callback=None):
         self.objective, self.max_iter, self.tol = objective, int(max_iter), float(tol)
         self.max_halvings, self.max_step = int(max_halvings), float(max_step)
         self.callback = callback
-        model = objective.model
-        self.names = model.free_param_names
-        self.kinds = [_kind(t) for t in model.free_param_trans]
-        self.transforms = model.free_param_trans
-        self.data_variance = objective.residual_variance()
+        self.scale = ParameterScale(objective.model, objective.residual_variance())
+        self.names = self.scale.names
+        self.units = self.scale.free_units()
 
     # ---------------------------------------------------------------- pieces
     def _state(self, free):
-        try:
-            state = self.objective.state(free)
-        except NotPositiveDefiniteError:
-            return None
-        return state if bool(torch.isfinite(state.neg_loglik)) else None
+        return _finite_state(self.objective, free)
+
+    def _jacobi(self, A, s, idx):
+        """Square roots of the damping scale: AI's diagonal, floored so that a damped step
+        stays near ``max_step`` free units even where AI is (near) singular, e.g. when P y
+        is orthogonal to dV/dθ_k."""
+        floor = s.abs() / (self.max_step * self.units.to(s)[idx])
+        scale = torch.maximum(A.diagonal().abs(), floor)
+        return torch.where(scale > 0, scale, torch.ones_like(scale)).sqrt()
 
     def _direction(self, ai, score, active, lam: float = 0.0):
-        """Newton direction ``(AI + λ diag(AI))⁻¹ s`` on the active parameters; ``λ`` grows
-        from the given value until the damped matrix is safely positive definite."""
+        """Newton direction ``(AI + λ diag(AI))⁻¹ s`` on the active parameters, computed on
+        the Jacobi-scaled AI matrix; ``λ`` grows from the given value until that matrix is
+        safely positive definite. ``None`` when no damping makes it so (a non-finite AI)."""
         delta = torch.zeros_like(score)
         idx = active.nonzero()[:, 0]
         if idx.numel() == 0:
             return delta
         A, s = ai[idx][:, idx], score[idx]
-        # damping scale: AI's diagonal, floored so that a damped step stays near max_step even
-        # where AI is (near) singular, e.g. when P y is orthogonal to dV/dθ_k
-        scale = torch.maximum(A.diagonal().abs(), s.abs() / self.max_step)
-        scale = scale.clamp(min=1e-12 * float(scale.max()) + 1e-300)
-        while True:
-            L, info = torch.linalg.cholesky_ex(A + lam * torch.diag(scale))
-            ok = int(info) == 0
-            if ok:
-                diag = L.diagonal()
-                ok = float(diag.min() ** 2) > 1e-12 * float(diag.max() ** 2)
-            if ok:
-                delta[idx] = torch.cholesky_solve(s[:, None], L)[:, 0]
+        d = self._jacobi(A, s, idx)
+        A = A / torch.outer(d, d)
+        eye = torch.eye(len(idx), dtype=A.dtype, device=A.device)
+        for _ in range(self.MAX_DAMPING_GROWTH):
+            L, info = torch.linalg.cholesky_ex(A + lam * eye)
+            pivots = L.diagonal() ** 2
+            if int(info) == 0 and bool(torch.isfinite(pivots).all()) \
+                    and float(pivots.min()) > 1e-12 * float(pivots.max()):
+                delta[idx] = torch.cholesky_solve((s / d)[:, None], L)[:, 0] / d
                 return delta
             lam = max(lam * 10.0, 1e-8)
+        return None
 
-    def _at_boundary(self, k: int, x: float) -> bool:
-        kind = self.kinds[k]
-        if kind == "correlation":
-            return abs(x) > 18.0
-        if kind == "variance":
-            return self._implied_variance(k, x) < 1e-8 * self.data_variance
-        return False
+    def _scaled(self, v, active) -> float:
+        """``max_k |v_k| √D_k`` over the active parameters: a step in standard-error units."""
+        idx = active.nonzero()[:, 0]
+        if idx.numel() == 0:
+            return 0.0
+        d = self.ai.diagonal()[idx].abs().sqrt()
+        return float((v[idx].abs() * d).max())
 
     def _fix_boundary(self, free, score, active, boundary) -> bool:
         """Fix parameters that sit at a boundary with the score pointing outwards."""
         changed = False
         for k in range(len(free)):
             x, s = float(free[k]), float(score[k])
-            outward = s * x > 0 if self.kinds[k] == "correlation" else s < 0
-            if active[k] and outward and self._at_boundary(k, x):
-                free[k] = self._boundary_value(k, x)
+            outward = s * x > 0 if self.scale.roles[k] == "correlation" else s < 0
+            if active[k] and outward and self.scale.at_boundary(k, x):
+                free[k] = self.scale.boundary_value(k, x)
                 active[k] = False
                 boundary.append(self.names[k])
                 changed = True
@@ -151,58 +325,38 @@ class AIREML:
         ``max_step`` towards zero is tried at the boundary (log-scale steps alone approach
         zero only linearly)."""
         delta = self._direction(ai, score, active)
+        if delta is None:
+            return False
         return any(delta[k] < -self.max_step and self._try_boundary(free, k, active, boundary,
                                                                      state, 1e-3, 0.0)
                    for k in range(len(free)))
 
-    def _settle_tiny_variances(self, free, active, boundary, state) -> bool:
-        """At convergence, a variance below 1e-6 of the data variance is tried at the boundary
-        (the log scale flattens before reaching zero)."""
-        return any(self._try_boundary(free, k, active, boundary, state, 1e-6, 1e-9)
-                   for k in range(len(free)))
-
     def _try_boundary(self, free, k, active, boundary, state, below, slack) -> bool:
-        """Fix active variance ``k``, if below ``below`` times the data variance, at the
-        boundary when that lowers ``l`` by at most ``slack``."""
-        if not (active[k] and self.kinds[k] == "variance"
-                and self._implied_variance(k, float(free[k])) < below * self.data_variance):
+        if not active[k] or try_boundary(self.objective, self.scale, free, k, state, below,
+                                         slack) is None:
             return False
-        probe = free.clone()
-        probe[k] = self._boundary_value(k, -1.0)
-        trial = self._state(probe)
-        if trial is None or float(trial.neg_loglik) > float(state.neg_loglik) + slack:
-            return False
-        free[k], active[k] = probe[k], False
+        active[k] = False
         boundary.append(self.names[k])
         return True
 
     def _release_boundary(self, free, score, active, boundary, released) -> bool:
         """Free a boundary variance again (twice at most) when the likelihood increases away
-        from the boundary: its natural-scale score ``∂l/∂σ²`` is positive."""
+        from the boundary: its natural-scale score ``∂l/∂θ`` is positive, or negative for a
+        parameter with sign partners (a Cholesky diagonal), which are then reflected."""
         for k in range(len(free)):
-            if active[k] or self.kinds[k] != "variance" or released[k] >= 2:
+            if active[k] or self.scale.roles[k] not in POSITIVE_ROLES or released[k] >= 2:
                 continue
-            slope = float(score[k] / self.transforms[k].derivative(free[k]))
-            if slope * self.data_variance > 1e-6 * self.objective.n:
-                target = 1e-2 * self.data_variance
-                target = math.sqrt(target) if isinstance(self.transforms[k], Exp) else target
-                free[k] = self.transforms[k].inverse(torch.tensor(target, dtype=torch.float64))
+            slope = float(score[k] / self.scale.transforms[k].derivative(free[k]))
+            slope *= self.scale.natural_unit(k)
+            if -slope > 1e-6 * self.objective.n and k in self.scale.reflections:
+                self.scale.reflect(free, k)
+                slope = -slope
+            if slope > 1e-6 * self.objective.n:
+                free[k] = self.scale.free_value(k, self.scale.natural_unit(k, 1e-2))
                 active[k], released[k] = True, released[k] + 1
                 boundary.remove(self.names[k])
                 return True
         return False
-
-    def _implied_variance(self, k: int, x: float) -> float:
-        value = float(self.transforms[k].forward(torch.tensor(x, dtype=torch.float64)))
-        return value ** 2 if isinstance(self.transforms[k], Exp) else value
-
-    def _boundary_value(self, k: int, direction: float) -> float:
-        if self.kinds[k] == "correlation":
-            return math.copysign(18.5, direction)
-        target = 1e-10 * self.data_variance
-        t = self.transforms[k]
-        target = math.sqrt(target) if isinstance(t, Exp) else target
-        return float(t.inverse(torch.tensor(target, dtype=torch.float64)))
 
     # ------------------------------------------------------------------- loop
     def start(self, free: torch.Tensor | None = None) -> None:
@@ -221,23 +375,53 @@ class AIREML:
         self.iterations, self.damping, self.converged, self.done = 0, 0.0, False, False
         self.ai = None
 
+    def _score_and_ai(self):
+        """Score and AI matrix at the current point, after any boundary moves (each move fixes
+        or releases a parameter, and releases are limited, so the moves end)."""
+        for _ in range(4 * len(self.free) + 1):
+            score = -self.objective.gradient(self.free, self.state)
+            self.ai = self.objective.average_information(self.free, self.state)
+            if not (bool(torch.isfinite(score).all()) and bool(torch.isfinite(self.ai).all())):
+                return score, False
+            if not self._boundary_moves(score):
+                break
+            self.state = self._state(self.free) or self.state
+        return score, True
+
+    def _polish(self, newton) -> None:
+        """Take the converged Newton step too, when it does not lower ``l``: one more
+        factorisation makes the estimates about as accurate as the decrement is small, not
+        its square root."""
+        candidate = self.free + torch.where(self.active, newton, torch.zeros_like(newton))
+        trial = self._state(candidate)
+        if trial is not None and float(trial.neg_loglik) <= float(self.state.neg_loglik):
+            self.free, self.state = candidate, trial
+
+    def _stop(self, reason: str) -> None:
+        warnings.warn(f"AI-REML stopped: {reason} at {dict(zip(self.names, self.free.tolist()))}"
+                      " (free scale); the fit has not converged", stacklevel=3)
+        self._finish(False)
+
     def step(self) -> dict | None:
         """One AI-REML iteration (after any boundary moves); returns its history record, or
         ``None`` once the run has converged or stopped (see :attr:`converged`)."""
         if self.done:
             return None
-        while True:
-            score = -self.objective.gradient(self.free, self.state)
-            self.ai = self.objective.average_information(self.free, self.state)
-            if not self._boundary_moves(score):
-                break
-            self.state = self._state(self.free) or self.state
+        score, finite = self._score_and_ai()
+        if not finite:
+            return self._stop("the score or the AI matrix is not finite")
         newton = self._direction(self.ai, score, self.active)
+        if newton is None:
+            return self._stop("no damping makes the AI matrix positive definite")
         decrement = float(score @ newton)
-        score_norm = float(score[self.active].abs().max()) if bool(self.active.any()) else 0.0
+        score_norm = self._scaled(score / self.ai.diagonal().abs().clamp(min=1e-300),
+                                  self.active)
         if decrement < self.tol or score_norm < 1e-8:
-            if self._settle_tiny_variances(self.free, self.active, self.boundary, self.state):
-                self.state = self._state(self.free) or self.state
+            self._polish(newton)
+            moved, self.state = settle_boundary(self.objective, self.free, self.state,
+                                                self.scale, self.active)
+            if moved:
+                self.boundary += moved
                 return self.step()
             return self._finish(True)
         if self.iterations >= self.max_iter:
@@ -247,19 +431,23 @@ class AIREML:
         self.iterations += 1
         delta = (newton if self.damping == 0.0
                  else self._direction(self.ai, score, self.active, self.damping))
-        bounded = torch.tensor([k != "free" for k in self.kinds], device=self.free.device)
+        limit = torch.tensor([self.max_step if r in BOUNDED_ROLES else math.inf
+                              for r in self.scale.roles], dtype=self.free.dtype,
+                             device=self.free.device)
         halvings, trial = 0, None
-        while halvings <= self.max_halvings:
+        while delta is not None and halvings <= self.max_halvings:
             # up to two step halvings, then Levenberg-Marquardt damping grows instead
             if halvings > 2:
                 self.damping = max(10.0 * self.damping, 1e-4)
                 delta = self._direction(self.ai, score, self.active, self.damping)
+                if delta is None:
+                    break
             step = 0.5 ** min(halvings, 2)
-            clipped = torch.where(bounded, delta.clamp(-self.max_step, self.max_step), delta)
+            clipped = torch.maximum(torch.minimum(delta, limit), -limit)
             candidate = self.free + step * clipped
             trial = self._state(candidate)
             if trial is not None and float(trial.neg_loglik) <= float(self.state.neg_loglik) \
-                    + 1e-12 * abs(float(self.state.neg_loglik)):
+                    + _rounding(self.state.neg_loglik):
                 break
             trial, halvings = None, halvings + 1
         if halvings <= 2:     # the step needed no more damping than it had: relax it
@@ -279,7 +467,7 @@ class AIREML:
         if self.callback is not None:
             self.callback(record)
         if change < 1e-12 * max(1.0, abs(float(trial.neg_loglik))) and \
-                float((step * clipped).abs().max()) < 1e-9:
+                self._scaled(step * clipped, self.active) < 1e-9:
             self._finish(True)
         return record
 
@@ -327,26 +515,30 @@ class AIREML:
 
 
 def scale_start(objective: REML) -> torch.Tensor:
-    """Data-driven start: shift every variance parameter to the scale of the OLS residuals.
+    """Data-driven start: every parameter measured in the units of ``y`` moved to the scale of
+    the OLS residuals.
 
-    Tries a few common scales around the OLS residual variance (one factorisation each) and
-    returns the free-parameter vector with the best likelihood; correlations stay at their
-    registered values.
+    Multiplies the registered natural values of variances by ``c`` and of standard deviations
+    and loadings by ``√c`` for a few ``c`` around the OLS residual variance (one
+    factorisation each) and returns the free-parameter vector with the best likelihood;
+    correlations and unitless parameters stay at their registered values.
     """
     model = objective.model
     free = model.free_params().to(torch.float64)
-    kinds = [_kind(t) for t in model.free_param_trans]
-    mask = torch.tensor([k == "variance" for k in kinds], device=free.device)
-    if not bool(mask.any()):
+    scale = ParameterScale(model, objective.residual_variance())
+    nat = model.build_params(free, include_fixed=False).tolist()
+    scaled = [k for k in range(len(scale)) if scale.powers[k] > 0]
+    if not scaled:
         return free
-    base = 0.5 * math.log(objective.residual_variance())
     best, best_loss = free, math.inf
-    for shift in [base + 0.5 * math.log(10.0) * j for j in range(-4, 3)]:
-        candidate = torch.where(mask, free + shift, free)
-        try:
-            loss = float(objective.state(candidate).neg_loglik)
-        except NotPositiveDefiniteError:
+    for j in range(-4, 3):
+        c = scale.data_variance * 10.0 ** j
+        candidate = free.clone()
+        for k in scaled:
+            candidate[k] = scale.free_value(k, nat[k] * c ** (scale.powers[k] / 2))
+        if not bool(torch.isfinite(candidate).all()):
             continue
-        if loss < best_loss:
-            best, best_loss = candidate, loss
+        state = _finite_state(objective, candidate)
+        if state is not None and float(state.neg_loglik) < best_loss:
+            best, best_loss = candidate, float(state.neg_loglik)
     return best

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 
@@ -83,12 +85,20 @@ class Operator(CovarianceModule):
 
     @property
     def param_specs(self) -> list[ParamSpec]:
-        return [ParamSpec(f"{n}/{s.name}", s.default, s.transform, s.fixed)
+        return [replace(s, name=f"{n}/{s.name}")
                 for n, op in zip(self._operand_names, self.operand_modules)
                 for s in op.param_specs]
 
     def _raw_tensors(self) -> list[torch.Tensor]:
         return [t for op in self.operand_modules for t in op._raw_tensors()]
+
+    def sign_reflections(self) -> dict[int, list[int]]:
+        out, offset = {}, 0
+        for op in self.operand_modules:
+            out.update({offset + i: [offset + j for j in js]
+                        for i, js in op.sign_reflections().items()})
+            offset += op.num_params
+        return out
 
     def _set_fixed(self, name: str, fixed: bool) -> None:
         head, rest = name.split("/", 1)

@@ -49,7 +49,8 @@ class FactorAnalyticMatrix(Structure):
             raise ValueError(f"k must be <= n = {self.n}, got {self.k}")
         self._rows, self._cols = tril_index(self.n, self.k)
         for i, j in zip(self._rows, self._cols):
-            self.add_param(f"lambda[{i},{j}]", 1.0 if i == j else 0.0, Identity())
+            self.add_param(f"lambda[{i},{j}]", 1.0 if i == j else 0.0, Identity(),
+                               "loading")
         for i in range(self.n):
             self.add_param(f"psi[{i}]", 0.0, ExpPow2())
 

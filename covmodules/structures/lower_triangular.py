@@ -41,7 +41,7 @@ class LowerTriangularMatrix(Structure):
             raise ValueError(f"m must be <= n = {self.n}, got {self.m}")
         self._rows, self._cols = tril_index(self.n, self.m)
         for i, j in zip(self._rows, self._cols):
-            self.add_param(f"L[{i},{j}]", 1.0 if i == j else 0.0, Identity())
+            self.add_param(f"L[{i},{j}]", 1.0 if i == j else 0.0, Identity(), "loading")
 
     @property
     def shape(self):

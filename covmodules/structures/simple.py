@@ -23,7 +23,9 @@ from ..validation import check_size
 class SimpleMatrix(Structure):
     r"""The matrix ``fn(theta)`` of shape ``shape`` for natural-scale parameters ``theta``.
 
-    ``params`` maps each name, in order, to ``(default free value, Transform)``; ``fn``
+    ``params`` maps each name, in order, to ``(default free value, Transform)`` or
+    ``(default, Transform, role)`` (a :class:`~covmodules.ParamSpec` role such as
+    ``"loading"``; inferred from the transform when omitted); ``fn``
     receives the 1-D tensor of natural-scale values in that order and must return a tensor of
     shape ``shape`` (build constants in ``theta.dtype`` to keep float64 precision).
 
@@ -61,11 +63,11 @@ class SimpleMatrix(Structure):
                                  f"'.', got {name!r}")
             if hasattr(self, name):
                 raise ValueError(f"parameter name {name!r} is reserved")
-            if (not isinstance(spec, (tuple, list)) or len(spec) != 2
+            if (not isinstance(spec, (tuple, list)) or len(spec) not in (2, 3)
                     or not isinstance(spec[1], Transform)):
-                raise TypeError(f"params[{name!r}] must be a (default, Transform) pair, "
-                                f"got {spec!r}")
-            self.add_param(name, float(spec[0]), spec[1])
+                raise TypeError(f"params[{name!r}] must be a (default, Transform) pair or a "
+                                f"(default, Transform, role) triple, got {spec!r}")
+            self.add_param(name, float(spec[0]), *spec[1:])
         self._evaluate(self.build_params())
 
     @property

@@ -48,11 +48,18 @@ class UnconstrainedMatrix(Structure):
         self.n = check_size(n, "n")
         self._rows, self._cols = tril_index(self.n, self.n)
         for i, j in zip(self._rows, self._cols):
-            self.add_param(f"L[{i},{j}]", 0.0, Exp() if i == j else Identity())
+            self.add_param(f"L[{i},{j}]", 0.0, Exp() if i == j else Identity(),
+                           "sd" if i == j else "loading")
 
     @property
     def shape(self):
         return (self.n, self.n)
+
+    def sign_reflections(self) -> dict[int, list[int]]:
+        """Column ``j`` of ``L`` enters ``V`` as ``l_j l_jᵀ``: ``L[j,j]`` flips with ``L[i,j]``."""
+        where = {(i, j): k for k, (i, j) in enumerate(zip(self._rows, self._cols))}
+        return {where[j, j]: [where[i, j] for i in range(j + 1, self.n)]
+                for j in range(self.n)}
 
     def _factor(self, nat):
         rows, cols = index_tensors(self._rows, self._cols, nat.device)
