@@ -9,7 +9,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .base import CovarianceModule
 from .model import MixedModel
+from .operators import Grouped, KroneckerProduct, Sum
 from .reml import REML
 
 __all__ = ["FitResult"]
@@ -115,15 +117,16 @@ class FitResult:
 
     def random_effects(self) -> pd.DataFrame:
         """lme4's "Random effects" table: per term, the variance, standard deviation and
-        correlations of the effects of one level (the first ``len(terms)`` rows of ``G``)."""
+        correlations of the effects of one level (the leading ``len(terms)`` block of ``G``,
+        see :func:`term_covariances`; ``G`` itself is not formed)."""
         model = self.model
         if not isinstance(model, MixedModel):
             return pd.DataFrame(columns=["group", "name", "variance", "std_dev"])
         rows = []
         with torch.no_grad():
-            for name in model.term_names:
-                terms = model.terms.get(name) or ["(Intercept)"]
-                G = model._modules[name]().to(torch.float64)[:len(terms), :len(terms)]
+            for name, G in term_covariances(model, self.free).items():
+                terms = term_labels(model, name)
+                G = G.to(torch.float64)
                 sd = G.diagonal().clamp(min=0).sqrt()
                 corr = G / torch.outer(sd, sd).clamp(min=1e-300)
                 for i, term in enumerate(terms):
@@ -198,6 +201,51 @@ class FitResult:
 
 def _fmt(value: float) -> str:
     return f"{value:.6g}"
+
+
+def term_labels(model: MixedModel, name: str) -> list[str]:
+    """The names of the ``k`` effects per level of random term ``name``."""
+    return list(model.terms.get(name) or ["(Intercept)"])
+
+
+def term_covariances(model: MixedModel, free=None) -> dict[str, torch.Tensor]:
+    """Per random term, the ``k × k`` covariance of the effects of one level (``k`` its
+    number of terms): the leading block of ``G`` at free-scale ``free`` (the registered
+    parameters by default), by :func:`leading_block`, so its cost does not grow with ``q²``."""
+    with torch.no_grad():
+        nat = model.build_params(free)
+        return {name: leading_block(G, part, len(term_labels(model, name)))
+                for name, G, part in model._terms(nat)}
+
+
+def leading_block(module: CovarianceModule, nat: torch.Tensor, size: int) -> torch.Tensor:
+    """The top-left ``size × size`` block of ``module`` at natural-scale parameters ``nat``.
+
+    A Kronecker product, sum or grouped structure is reduced to blocks of its operands; any
+    other module multiplies ``size`` unit columns by its own product, which is structured for
+    scalar, identity and design matrices. The full matrix is formed only for a module whose
+    product is dense."""
+    rows, cols = (min(size, n) for n in module.shape)
+    return _block(module, nat, rows, cols)
+
+
+def _block(module: CovarianceModule, nat: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    if isinstance(module, KroneckerProduct):
+        (a, b), (na, nb) = module.operand_modules, module._split(nat)
+        n1, n2 = b.shape        # row i of A ⊗ B is row i // n1 of A and i % n1 of B
+        A = _block(a, na, -(-rows // n1), -(-cols // n2))
+        B = _block(b, nb, min(rows, n1), min(cols, n2))
+        return torch.kron(A, B)[:rows, :cols]
+    if isinstance(module, Sum):
+        return sum(_block(op, part, rows, cols)
+                   for op, part in zip(module.operand_modules, module._split(nat)))
+    if isinstance(module, Grouped):
+        S = module.operand_modules[0]._evaluate(nat)
+        p, g = module.positions, module.group_codes
+        same = g[:rows, None] == g[None, :cols]
+        return S[p[:rows, None], p[None, :cols]] * same.to(S)
+    E = torch.eye(module.shape[1], cols, dtype=nat.dtype, device=nat.device)
+    return module._matmul(nat, E)[:rows]
 
 
 def _blup_frame(u: np.ndarray, levels, terms) -> pd.DataFrame:
