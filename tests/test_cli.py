@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from training.cli import build_cli, main
@@ -76,6 +77,8 @@ def test_fit_then_predict_writes_csv(in_tmp, capsys):
     out = capsys.readouterr().out
     assert "Linear mixed model fit by REML" in out and "tensorboard --logdir" in out
     checkpoint = next(in_tmp.glob("lightning_logs/sleepstudy/version_0/checkpoints/last.ckpt"))
+    assert "; converged in " in out
+    assert torch.load(checkpoint, weights_only=True)["reml"]["converged"]
     assert main(args("sleepstudy", "--data.val_fraction", "0.2", "--ckpt_path",
                      str(checkpoint), command="predict")) == 0
     predictions = pd.read_csv(in_tmp / "outputs/sleepstudy/predictions.csv")

@@ -8,16 +8,24 @@
 
 A config has the sections ``model`` (optimiser, REML/ML, start values), ``data`` (the file and
 the model spec, see :mod:`covmodules.specs`) and ``trainer``; by default the trainer logs to
-TensorBoard under ``lightning_logs/``. A mistake in a config ends the run with one line,
-``error: <key>: <what is wrong>``, and exit status 2.
+TensorBoard under ``lightning_logs/``. A mistake in a config or an argument, in the data (a
+missing column, a blank group label, a non-numeric response) or in ``--ckpt_path`` (missing,
+truncated, of another model) ends the run with one line, ``error: <key>: <what is wrong>``,
+and exit status 2.
 """
 
 from __future__ import annotations
 
+import inspect
+import re
 import sys
+from pathlib import Path
 from typing import Optional
 
+import torch
 from jsonargparse import ArgumentError
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -26,7 +34,7 @@ from covmodules.specs import SpecError
 from .data import MixedModelDataModule
 from .module import REMLModule
 
-__all__ = ["REMLCLI", "build_cli", "run_cli", "main", "report"]
+__all__ = ["REMLCLI", "build_cli", "run_cli", "main", "report", "check_checkpoint"]
 
 TRAINER_DEFAULTS = {
     "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
@@ -43,6 +51,21 @@ class REMLCLI(LightningCLI):
     def init_parser(self, **kwargs):
         kwargs.setdefault("exit_on_error", False)
         return super().init_parser(**kwargs)
+
+    def instantiate_trainer(self, **kwargs):
+        """The trainer; a value it rejects is a :class:`SpecError` naming ``trainer.<key>``."""
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except (MisconfigurationException, ModuleNotFoundError, ValueError) as err:
+            raise SpecError(_trainer_message(err)) from None
+
+    def parse_arguments(self, parser, args) -> None:
+        """Parse, then check ``ckpt_path`` (before LightningCLI reads its hyperparameters)."""
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if path is not None and str(path).split(":")[0] not in _CKPT_KEYWORDS:
+            check_checkpoint(path)
 
 
 def build_cli(args=None, run: bool = True) -> REMLCLI:
@@ -90,7 +113,56 @@ def report(cli: LightningCLI) -> None:
                   f"  open them with: tensorboard --logdir {logger.save_dir}")
 
 
+def check_checkpoint(path) -> None:
+    """Check that ``path`` is a readable Lightning checkpoint: a missing, unreadable
+    (truncated, corrupt) or foreign file is a :class:`SpecError` naming ``ckpt_path``."""
+    file = Path(path)
+    if not file.exists():
+        raise SpecError(f"ckpt_path: file not found: {path}")
+    if not file.is_file():
+        raise SpecError(f"ckpt_path: {path} is not a file")
+    try:
+        checkpoint = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:                # torch raises OSError, EOFError, RuntimeError, ...
+        reason = (str(err).strip().splitlines() or [""])[0].split(". ")[0]
+        raise SpecError(f"ckpt_path: cannot read checkpoint {path} (truncated or corrupt?): "
+                        f"{type(err).__name__}: {reason}") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise SpecError(f"ckpt_path: {path} is not a Lightning checkpoint (no state_dict)")
+
+
+# ckpt_path values Lightning resolves itself instead of reading a file ("registry:<name>")
+_CKPT_KEYWORDS = ("last", "best", "hpc", "registry")
+
+_TRAINER_KEYS = set(inspect.signature(Trainer.__init__).parameters)
+
+# jsonargparse and argparse messages, rewritten to "<key>: <what is wrong>"
+_KEYED_MESSAGES = [
+    (re.compile(r'^Parser key "([^"]+)":\s*(.*)$'), r"\1: \2"),
+    (re.compile(r"^Subcommand '(\w+)' does not accept option '([^']+)'(.*)$"),
+     r"\2: unknown key (\1 does not accept it)\3"),
+    (re.compile(r"^argument --([\w.]+): (.*)$"), r"\1: \2"),
+    (re.compile(r"^unrecognized arguments: --([\w.]+)(.*)$"),
+     r"\1: unknown argument (--\1\2)"),
+]
+
+
 def _one_line(err: Exception) -> str:
-    """The most specific line of a (possibly nested, multi-line) parser message."""
+    """The most specific line of a (possibly nested, multi-line) parser message, as
+    ``<key>: <what is wrong>`` where the message names the key."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return " ".join(lines) if len(lines) <= 2 else lines[0] + " " + lines[-1]
+    line = " ".join(lines) if len(lines) <= 2 else lines[0] + " " + lines[-1]
+    for pattern, replacement in _KEYED_MESSAGES:
+        if pattern.match(line):
+            return pattern.sub(replacement, line)
+    return line
+
+
+def _trainer_message(err: Exception) -> str:
+    """``trainer.<key>: <message>`` for the first Trainer argument the message names in
+    backticks (```max_epochs``` or ```Trainer(devices=0)```), else ``trainer: <message>``."""
+    message = " ".join(str(err).split())
+    for name in re.findall(r"`(?:Trainer\()?(\w+)", message):
+        if name in _TRAINER_KEYS:
+            return f"trainer.{name}: {message}"
+    return f"trainer: {message}"

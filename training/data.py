@@ -37,6 +37,22 @@ def read_table(path: Union[str, Path], key: str = "data.path") -> pd.DataFrame:
     return pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",")
 
 
+def _check_complete(frame: pd.DataFrame, column: str, key: str) -> None:
+    """A grouping or index ``column`` has no missing (or, when numeric, infinite) values."""
+    if column not in frame.columns:
+        return                                  # the spec names the key of a missing column
+    values = frame[column]
+    bad, what = values.isna().to_numpy().copy(), "missing"
+    if pd.api.types.is_numeric_dtype(values):
+        bad |= ~np.isfinite(values.to_numpy(dtype=np.float64))
+        what = "missing or infinite"
+    if bad.any():
+        rows = frame.index[bad]
+        shown = ", ".join(str(r) for r in rows[:5]) + (", ..." if len(rows) > 5 else "")
+        raise SpecError(f"{key}: column {column!r} has {len(rows)} {what} value(s) (data "
+                        f"rows {shown}); fill them in or drop those rows")
+
+
 class Batch:
     """Whole groups of rows: their :class:`~covmodules.specs.Problem` and the split they
     belong to (``"train"`` or ``"val"``). ``to(device)`` moves the model, ``y`` and ``X``."""
@@ -145,6 +161,8 @@ class MixedModelDataModule(L.LightningDataModule):
             raise SpecError(f"data.val_fraction: must lie in [0, 1), got {val_fraction}")
         if groups_per_batch is not None and groups_per_batch < 1:
             raise SpecError(f"data.groups_per_batch: must be >= 1, got {groups_per_batch}")
+        if split_seed < 0:
+            raise SpecError(f"data.split_seed: must be >= 0, got {split_seed}")
         self.path, self.query, self.group = path, query, group
         self.val_fraction, self.groups_per_batch, self.split_seed = (val_fraction,
                                                                      groups_per_batch, split_seed)
@@ -190,6 +208,8 @@ class MixedModelDataModule(L.LightningDataModule):
             except Exception as err:
                 raise SpecError(f"data.query: cannot apply {self.query!r}: {err}") from None
         frame = self.spec.prepare(df)
+        for key, column in self._index_columns():
+            _check_complete(frame, column, key)
         design = self.spec.design(frame)
         codes, labels = self.spec.groups(frame, self.group)
         codes = codes.numpy()
@@ -210,6 +230,20 @@ class MixedModelDataModule(L.LightningDataModule):
         self._train_rows = np.flatnonzero(np.isin(codes, train_groups))
         self.train_batches = self._batches(codes, self._share(train_groups, rank, world), "train")
         self.val_batches = self._batches(codes, self._share(val_groups, rank, world), "val")
+
+    def _index_columns(self) -> list[tuple[str, str]]:
+        """``(key, column)`` of every column that groups or orders the rows: the random terms'
+        groupings, the residual's index columns and ``group``."""
+        spec, pairs = self.spec, []
+        for name, term in spec.random.items():
+            pairs += [(f"data.random.{name}.group", col) for col in term.group]
+        for key, value in spec.residual.index.items():
+            pairs += [(f"data.residual.{key}", col)
+                      for col in ([value] if isinstance(value, str) else value)]
+        if self.group is not None:
+            pairs += [("data.group", col)
+                      for col in ([self.group] if isinstance(self.group, str) else self.group)]
+        return pairs
 
     @staticmethod
     def _share(groups: np.ndarray, rank: int, world: int) -> np.ndarray:

@@ -24,15 +24,18 @@ values and BLUPs come per batch, in one process (:meth:`REMLModule.predict_step`
 Logged per step: ``loss``, ``loglik``, ``grad_norm`` (the largest absolute gradient at the
 start of the step), ``param/<name>`` on the natural scale and, for AI-REML, ``ai/step``,
 ``ai/halvings`` and ``ai/decrement``; at the end (and every ``image_every_n_epochs``):
-heatmaps of the leaf covariances and of ``V``, BLUP histograms (not for a split training
-set), the summary text and the hparams with the final log-likelihood, AIC and BIC
-(``hp/loglik``, ``hp/aic``, ``hp/bic``).
+heatmaps of the ``k × k`` covariance of one level of each random term, of the leaf
+covariances of the residual and of the top-left block of ``V`` (none forms ``G`` or ``V``),
+BLUP histograms (not for a split training set), the summary text and the hparams with the
+final log-likelihood, AIC and BIC (``hp/loglik``, ``hp/aic``, ``hp/bic``). At the end of
+``fit`` the last checkpoint of every ``ModelCheckpoint`` is rewritten with the final state.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 from typing import Callable, Literal, Optional
 
 import lightning as L
@@ -45,6 +48,7 @@ from torchmetrics import MeanSquaredError, R2Score
 
 from covmodules import CovarianceModule
 from covmodules.base import Structure
+from covmodules.checks import Checks
 from covmodules.distributed import ShardedREML, world_size
 from covmodules.fitting import OPTIMIZERS, start_values, torch_optimizer
 from covmodules.linalg import applicable_solvers
@@ -53,10 +57,12 @@ from covmodules.optim import AIREML
 from covmodules.reml import REML
 from covmodules.results import FitResult
 from covmodules.specs import Problem, SpecError
+from covmodules.validation import as_data
 
 from .data import Batch, loader
 from .metrics import REMLStatistics
-from .monitoring import blup_values, component_blups, fitted_v_block, heatmap, leaf_covariances
+from .monitoring import (blup_values, component_blups, covariance_blocks, fitted_v_block,
+                         heatmap)
 
 __all__ = ["REMLModule", "AIStep"]
 
@@ -109,12 +115,14 @@ class REMLModule(L.LightningModule):
         y, X, x_names: response, fixed-effects design and its column names.
         optimizer: ``"ai"`` (AI-REML), ``"lbfgs"``, ``"adam"`` or ``"sgd"``.
         reml: REML (default) or profiled ML.
-        lr: learning rate of Adam / SGD.
-        tol: convergence tolerance, as in :func:`covmodules.fit`.
+        lr: learning rate of Adam / SGD (> 0).
+        tol: convergence tolerance, as in :func:`covmodules.fit` (> 0).
         start: natural-scale start values by parameter name (default: the data-driven start
             of :func:`covmodules.fit`).
         max_image_size: rows and columns shown of each covariance heatmap.
         image_every_n_epochs: also log the images every this many epochs (0: at the end only).
+        checks: the design checks of the REML objective (:class:`covmodules.checks.Checks`,
+            default all; not saved in checkpoints: pass it again when loading one).
     """
 
     def __init__(self, covariance: Optional[CovarianceModule] = None,
@@ -122,15 +130,24 @@ class REMLModule(L.LightningModule):
                  x_names: Optional[list[str]] = None,
                  optimizer: Literal["ai", "lbfgs", "adam", "sgd"] = "ai", reml: bool = True,
                  lr: float = 0.05, tol: float = 1e-10, start: Optional[dict[str, float]] = None,
-                 max_image_size: int = 100, image_every_n_epochs: int = 0):
+                 max_image_size: int = 100, image_every_n_epochs: int = 0,
+                 checks: Optional[Checks] = None):
         super().__init__()
         if optimizer not in OPTIMIZERS:
             raise SpecError(f"model.optimizer: unknown optimizer {optimizer!r}; "
                             f"choose one of {list(OPTIMIZERS)}")
+        for key, value, low in (("lr", lr, 0), ("tol", tol, 0)):
+            if not value > low:
+                raise SpecError(f"model.{key}: must be > {low}, got {value}")
+        for key, value, low in (("max_image_size", max_image_size, 1),
+                                ("image_every_n_epochs", image_every_n_epochs, 0)):
+            if not value >= low:
+                raise SpecError(f"model.{key}: must be >= {low}, got {value}")
         if (covariance is None) != (y is None):
             raise ValueError("give covariance and y together (X optional), or neither and fit "
                              "with a MixedModelDataModule")
-        self.save_hyperparameters(ignore=["covariance", "y", "X", "x_names"])
+        self.save_hyperparameters(ignore=["covariance", "y", "X", "x_names", "checks"])
+        self.checks = checks
         self.automatic_optimization = optimizer != "ai"
         self.covariance = covariance
         self.register_buffer("y", None, persistent=False)
@@ -159,8 +176,9 @@ class REMLModule(L.LightningModule):
         return "reml" if self.hparams.reml else "ml"
 
     def _set_data(self, y, X, x_names):
-        self.y = y
-        self.X = torch.ones(len(y), 1, dtype=y.dtype, device=y.device) if X is None else X
+        self.y = as_data(y, "y", 1)          # REML's checks of the rest run at the first step
+        self.X = (torch.ones(len(self.y), 1, dtype=torch.float64, device=self.y.device)
+                  if X is None else as_data(X, "X", 2))
         self.x_names = (["(Intercept)"] if X is None else None) if x_names is None else x_names
 
     @property
@@ -178,10 +196,11 @@ class REMLModule(L.LightningModule):
             if self.sharded:
                 self._objective = ShardedREML([(p.model, p.y, p.X) for p in self._shards],
                                               x_names=self.x_names, method=self.method,
-                                              solver=_structured_solver(self.covariance))
+                                              solver=_structured_solver(self.covariance),
+                                              checks=self.checks)
             else:
                 self._objective = REML(self.covariance, self.y, self.X, x_names=self.x_names,
-                                       method=self.method)
+                                       method=self.method, checks=self.checks)
         return self._objective
 
     # ------------------------------------------------------------------ set-up
@@ -275,6 +294,10 @@ class REMLModule(L.LightningModule):
         self.log("loglik", _f64(loglik), prog_bar=True, **_EPOCH)
         return _f64(-loglik)
 
+    def on_train_start(self) -> None:
+        if self.converged:                  # resumed from the checkpoint of a finished fit
+            self.trainer.should_stop = True
+
     def on_train_batch_start(self, batch, batch_idx) -> None:
         self._step_loss, self._grad_norm = None, None
 
@@ -310,6 +333,19 @@ class REMLModule(L.LightningModule):
                            "converging; raise trainer.max_epochs")
         self.result = self.fit_result()
         self._log_final(self.result)
+        self._save_last_checkpoints()
+
+    def _save_last_checkpoints(self) -> None:
+        """Write the final state (``converged``, the ended AI-REML run) into each
+        ``ModelCheckpoint``'s last checkpoint: Lightning rewrites it only together with a new
+        top-k one, so it misses the final steps when they do not improve the monitored value
+        (the AI-REML step that confirms convergence)."""
+        for callback in self.trainer.checkpoint_callbacks:
+            path = callback.last_model_path
+            if callback.save_last and path:
+                if self.trainer.is_global_zero and os.path.islink(path):
+                    os.remove(path)             # save_last="link": a file of its own now
+                self.trainer.save_checkpoint(path)
 
     def fit_result(self) -> FitResult:
         """The :class:`~covmodules.results.FitResult` at the current parameters (on the CPU).
@@ -320,7 +356,7 @@ class REMLModule(L.LightningModule):
         if not self.sharded and self.y.device.type != "cpu":
             model = copy.deepcopy(self.covariance).cpu()
             objective = REML(model, self.y.cpu(), self.X.cpu(), x_names=self.x_names,
-                             method=self.method)
+                             method=self.method, checks=self.checks)
         free = objective.model.free_params().to(torch.float64)
         state = objective.state(free)
         ai = objective.average_information(free, state)
@@ -333,12 +369,11 @@ class REMLModule(L.LightningModule):
 
     def _log_images(self, writer) -> None:
         size, step = self.hparams.max_image_size, self.global_step
-        for name, C in leaf_covariances(self.covariance, size).items():
+        for name, C in covariance_blocks(self.covariance, size).items():
             writer.add_image(f"covariance/{name}", heatmap(C), step, dataformats="HWC")
         V = fitted_v_block(self.covariance, size)
-        if V is not None:
-            writer.add_image("covariance/V", heatmap(V, vmax=float(V.abs().max())), step,
-                             dataformats="HWC")
+        writer.add_image("covariance/V", heatmap(V, vmax=float(V.abs().max())), step,
+                         dataformats="HWC")
 
     def _log_final(self, result: FitResult) -> None:
         metrics = {"hp/loglik": result.loglik, "hp/aic": result.aic, "hp/bic": result.bic}
@@ -448,8 +483,16 @@ class REMLModule(L.LightningModule):
                             "and X, or give the checkpoint to Trainer.fit/predict(..., "
                             "datamodule=..., ckpt_path=...)")
         data = _data_keys(self)        # the saving process's rows: keep this process's own
-        checkpoint.setdefault("state_dict", {}).update(
-            {k: v for k, v in self.state_dict().items() if k in data})
+        saved = checkpoint.setdefault("state_dict", {})
+        saved.update({k: v for k, v in self.state_dict().items() if k in data})
+        own = set(self.state_dict())
+        missing, unexpected = sorted(own - set(saved)), sorted(set(saved) - own)
+        if missing or unexpected:
+            path = getattr(self._trainer, "ckpt_path", None) or "the checkpoint"
+            raise SpecError(f"ckpt_path: {path} is a checkpoint of another model: this model "
+                            f"has {_names(missing)}, which the checkpoint lacks; the checkpoint "
+                            f"has {_names(unexpected)}, which this model lacks (load it with "
+                            "the config that wrote it)")
         state = checkpoint.get("reml", {})
         self.history = list(state.get("history", []))
         self.converged = bool(state.get("converged", False))
@@ -458,6 +501,13 @@ class REMLModule(L.LightningModule):
         start = state.get("start")
         self._start_free = None if start is None else torch.tensor(start, dtype=torch.float64)
         self._saved_ai = state.get("ai")
+
+
+def _names(keys: list[str], shown: int = 3) -> str:
+    """State-dict keys as parameter-style names, the first ``shown`` of them."""
+    names = [k.removeprefix("covariance.").replace(".", "/") for k in keys]
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return (", ".join(names[:shown]) or "nothing") + more
 
 
 def _f64(value) -> torch.Tensor:

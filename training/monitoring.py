@@ -10,9 +10,9 @@ import numpy as np
 import torch
 
 from covmodules import CovarianceModule, MixedModel, Sum
-from covmodules.results import FitResult
+from covmodules.results import FitResult, leading_block, term_covariances
 
-__all__ = ["heatmap", "correlation", "leaf_covariances", "fitted_v_block", "component_blups",
+__all__ = ["heatmap", "correlation", "covariance_blocks", "fitted_v_block", "component_blups",
            "blup_values"]
 
 MAX_DENSE_ROWS = 4096
@@ -35,18 +35,21 @@ def heatmap(M, vmax: float = 1.0, min_pixels: int = 128) -> np.ndarray:
     return (rgb * 255).round().astype(np.uint8)
 
 
-def leaf_covariances(model: CovarianceModule, size: int) -> dict[str, torch.Tensor]:
-    """Top-left ``size × size`` block, on the correlation scale, of every leaf structure
-    with parameters, by hierarchical name (``residual/field/row``)."""
-    designs = {id(m) for m in model.designs.modules()} if isinstance(model, MixedModel) else set()
-    out = {}
+def covariance_blocks(model: CovarianceModule, size: int) -> dict[str, torch.Tensor]:
+    """The covariance heatmaps, on the correlation scale, by name: for a
+    :class:`~covmodules.MixedModel` the ``k × k`` covariance of one level of each random term
+    (``Subject``), then, as for any other model, the top-left ``size × size`` block of every
+    leaf structure with parameters (``residual/field/row``), by
+    :func:`~covmodules.results.leading_block`: neither ``G`` nor ``V`` is formed."""
+    mixed = isinstance(model, MixedModel)
+    out = {name: correlation(G.double().cpu())
+           for name, G in (term_covariances(model) if mixed else {}).items()}
+    root, prefix = (model.residual, "residual") if mixed else (model, "")
     with torch.no_grad():
-        for name, module in model.named_modules():
-            if (not isinstance(module, CovarianceModule) or id(module) in designs
-                    or not module.num_params or _has_operands(module)):
-                continue
-            if module.shape[0] <= MAX_DENSE_ROWS:
-                block = module()[:size, :size]
+        for name, module in root.named_modules(prefix=prefix):
+            if (isinstance(module, CovarianceModule) and module.num_params
+                    and not _has_operands(module)):
+                block = leading_block(module, module.build_params(), size)
                 out[name.replace(".", "/") or "model"] = correlation(block.double().cpu())
     return out
 
@@ -55,12 +58,21 @@ def _has_operands(module: CovarianceModule) -> bool:
     return any(isinstance(m, CovarianceModule) for m in module.children())
 
 
-def fitted_v_block(model: CovarianceModule, size: int) -> torch.Tensor | None:
-    """The top-left ``size × size`` block of ``V`` (``None`` when ``V`` is too large to form)."""
-    if model.shape[0] > MAX_DENSE_ROWS:
-        return None
+def fitted_v_block(model: CovarianceModule, size: int) -> torch.Tensor:
+    """The top-left ``size × size`` block of ``V`` at the registered parameters, from the
+    blocks of its pieces: ``Σ Z_s G Z_sᵀ + R_s`` (``Z_s`` the first rows of ``Z``) for a
+    :class:`~covmodules.MixedModel`, :func:`~covmodules.results.leading_block` otherwise."""
     with torch.no_grad():
-        return model()[:size, :size].double().cpu()
+        nat = model.build_params()
+        if not isinstance(model, MixedModel):
+            return leading_block(model, nat, size).double().cpu()
+        n = model.shape[0]
+        V = leading_block(model.residual, model._split(nat)[-1], size)
+        E = torch.eye(n, V.shape[0], dtype=nat.dtype, device=nat.device)
+        for name, G, part in model._terms(nat):
+            ZtE = model.zt_matmul(name, E).to(nat)            # (q, size): Z_sᵀ
+            V = V + ZtE.T @ G._matmul(part, ZtE)
+        return V.double().cpu()
 
 
 def component_blups(result: FitResult) -> dict[str, np.ndarray]:
@@ -72,7 +84,7 @@ def component_blups(result: FitResult) -> dict[str, np.ndarray]:
         return {}
     Py = result.state.Py
     with torch.no_grad():
-        return {f"residual/{name}": (op().to(Py) @ Py).cpu().numpy()
+        return {f"residual/{name}": op.matmul(Py).cpu().numpy()
                 for name, op in residual.operands.items() if isinstance(op, CovarianceModule)}
 
 
