@@ -10,7 +10,8 @@ the formula already split into column specs:
   per group level (subject-major, as lme4 orders Z).
 - :func:`grouping` and :func:`positions_within_group` give group codes and the position of each
   row within its group, for grouped residual structures (nlme ``corAR1(form = ~ 1 | g)``).
-- :func:`drop_aliased` removes columns of X aliased with earlier ones, as lme4 does.
+- :func:`drop_aliased` removes columns of X aliased with earlier ones, as lme4 does, deciding
+  on ``XᵀX`` (:func:`independent_columns`, which sharded fits apply to summed Gram matrices).
 
 Level order of a categorical column: ``levels[column]`` when given (matched on the labels
 ``str(value)``, ``"TRUE"``/``"FALSE"`` for booleans), else the order of the categories of a
@@ -44,7 +45,7 @@ import pandas as pd
 import torch
 
 __all__ = ["Design", "RandomDesign", "fixed_design", "random_design", "grouping",
-           "positions_within_group", "drop_aliased"]
+           "positions_within_group", "drop_aliased", "independent_columns"]
 
 Spec = Union[str, tuple[str, Callable[[pd.DataFrame], object]]]
 Levels = Mapping[str, Sequence]
@@ -365,13 +366,48 @@ def random_design(df: pd.DataFrame, group: str | Sequence[str], terms: Sequence[
                         torch.as_tensor(np.stack(values, axis=1), dtype=dtype))
 
 
+def independent_columns(gram: torch.Tensor, tol: float = 1e-7) -> list[int]:
+    """The columns of X that lme4's rank check keeps, decided on the Gram matrix ``XᵀX``.
+
+    Columns are taken in order; column ``j`` is kept when its residual after projection onto
+    the kept earlier columns has norm above ``tol`` times its own (in a Cholesky of the kept
+    columns' Gram matrix: ``pivot² > tol² (XᵀX)_jj``); a zero column is dropped. Summing
+    ``X_sᵀX_s`` over the shards of a data set gives the decision of the whole data set.
+    ``XᵀX`` resolves a residual down to about ``√eps`` of a column's norm, so ``tol`` must
+    be at least 6e-8.
+
+    >>> X = torch.tensor([[1.0, 0.0, 1.0], [1.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
+    >>> independent_columns(X.T @ X)
+    [0, 1]
+    """
+    if not (isinstance(gram, torch.Tensor) and gram.dim() == 2
+            and gram.shape[0] == gram.shape[1]):
+        raise ValueError("gram must be a square 2-D tensor (XᵀX)")
+    if not 16 * torch.finfo(torch.float64).eps <= tol * tol < 1:
+        raise ValueError(f"tol must lie in [6e-08, 1): XᵀX resolves a column's residual only "
+                         f"to about 1.5e-08 of its norm; got {tol}")
+    G = gram.detach().to(device="cpu", dtype=torch.float64)
+    L = G.new_zeros(G.shape)            # Cholesky factor of the kept columns' Gram matrix
+    kept: list[int] = []
+    for j in range(G.shape[0]):
+        k = len(kept)
+        c = torch.linalg.solve_triangular(L[:k, :k], G[kept, j][:, None], upper=False)[:, 0]
+        diagonal = float(G[j, j])
+        pivot2 = diagonal - float(c @ c)
+        if diagonal > 0 and pivot2 > tol * tol * diagonal:
+            L[k, :k], L[k, k] = c, pivot2 ** 0.5
+            kept.append(j)
+    return kept
+
+
 def drop_aliased(X: torch.Tensor, names: Sequence[str], tol: float = 1e-7
                  ) -> tuple[torch.Tensor, list[str], list[str]]:
     """Drop the columns of X aliased with earlier ones (lme4's rank check, tolerance 1e-7).
 
-    Columns are taken in order; a column is dropped when the norm of its residual after
-    projection onto the kept earlier columns is at most ``tol`` times its own norm (a zero
-    column is always dropped), as R's pivoting QR (``qr(X, tol)``, LINPACK) decides.
+    The decision is :func:`independent_columns` of ``XᵀX``: a column is dropped when the norm
+    of its residual after projection onto the kept earlier columns is at most ``tol`` times
+    its own norm (a zero column is always dropped), as R's pivoting QR (``qr(X, tol)``,
+    LINPACK) decides. Returns the kept columns, their names and the dropped names.
 
     >>> X = torch.tensor([[1.0, 0.0, 1.0], [1.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
     >>> drop_aliased(X, ["(Intercept)", "b", "c"])[1:]
@@ -383,16 +419,6 @@ def drop_aliased(X: torch.Tensor, names: Sequence[str], tol: float = 1e-7
     if len(names) != X.shape[1]:
         raise ValueError(f"{len(names)} names for {X.shape[1]} columns")
     A = X.detach().to(torch.float64)
-    basis = A.new_zeros(A.shape[0], 0)
-    kept = []
-    for j in range(A.shape[1]):
-        x = A[:, j]
-        norm = float(torch.linalg.vector_norm(x))
-        r = x - basis @ (basis.T @ x)
-        r = r - basis @ (basis.T @ r)
-        rnorm = float(torch.linalg.vector_norm(r))
-        if norm > 0 and rnorm > tol * norm:
-            basis = torch.cat([basis, (r / rnorm)[:, None]], dim=1)
-            kept.append(j)
+    kept = independent_columns(A.T @ A, tol)
     dropped = [name for j, name in enumerate(names) if j not in kept]
     return X[:, kept], [names[j] for j in kept], dropped

@@ -302,7 +302,9 @@ def test_drop_aliased_tolerance_and_rank():
     Xr, kept, dropped = drop_aliased(X, names)
     assert kept == ["a", "b", "e", "g"] and dropped == ["c", "d", "f"]
     assert np.linalg.matrix_rank(Xr.numpy()) == Xr.shape[1] == 4
-    assert drop_aliased(X[:, :6], names[:6], tol=1e-12)[1] == ["a", "b", "e", "f"]
+    assert drop_aliased(X, names, tol=1e-3)[1] == ["a", "b", "e"]   # g: residual 3e-5 of its norm
+    with pytest.raises(ValueError, match=r"tol must lie in \[6e-08, 1\)"):
+        drop_aliased(X, names, tol=1e-12)      # below what XᵀX resolves
     assert drop_aliased(A, list("wxyz"))[2] == []
     assert drop_aliased(X.float(), names)[0].dtype == torch.float32
     with pytest.raises(ValueError, match="names for"):
