@@ -15,7 +15,7 @@ from torch.autograd.function import once_differentiable
 
 from .base import NotPositiveDefiniteError, Solver, data_cotangents
 
-__all__ = ["DenseSolver", "DenseState", "factorize", "cotangent_v", "NegLogLikFunction"]
+__all__ = ["DenseSolver", "DenseState", "cholesky", "factorize", "cotangent_v", "NegLogLikFunction"]
 
 
 @dataclass
@@ -49,14 +49,31 @@ class DenseState:
         return torch.cholesky_inverse(self.LA)
 
 
+def cholesky(V: torch.Tensor, message: str) -> torch.Tensor:
+    """The Cholesky factor of ``V`` (or of a batch of matrices), or
+    :class:`NotPositiveDefiniteError` with ``message`` when the factorisation fails or a pivot
+    is at rounding level, ``L_ii² <= 16 m eps V_ii`` (``m`` the matrix size): row ``i`` of
+    ``V`` then adds nothing to the earlier rows but rounding (e.g. it repeats one of them), so
+    ``V`` is singular up to rounding and ``log|V|`` and ``V⁻¹`` would be noise.
+
+    >>> cholesky(torch.tensor([[4.0, 2.0], [2.0, 5.0]], dtype=torch.float64), "not PD")
+    tensor([[2., 0.],
+            [1., 2.]], dtype=torch.float64)
+    """
+    L, info = torch.linalg.cholesky_ex(V)
+    pivots = L.diagonal(dim1=-2, dim2=-1) ** 2
+    level = 16 * V.shape[-1] * torch.finfo(V.dtype).eps * V.diagonal(dim1=-2, dim2=-1)
+    if bool(((info != 0) | ~(pivots > level).all(-1)).any()):
+        raise NotPositiveDefiniteError(message)
+    return L
+
+
 def factorize(V, y, X, method: str = "reml") -> DenseState:
     """Cholesky of ``V``, GLS estimate and ``-l`` (R's scale) without autograd."""
     n, p = X.shape
-    L, info = torch.linalg.cholesky_ex(V)
-    if int(info) != 0 or not bool(torch.isfinite(L.diagonal()).all()):
-        raise NotPositiveDefiniteError(
-            "V is not positive definite at these parameters (Cholesky failed at column "
-            f"{int(info)}); try other start values, e.g. larger variances or smaller correlations")
+    L = cholesky(V, "V is not positive definite at these parameters (or singular up to "
+                    "rounding); try other start values, e.g. larger variances or smaller "
+                    "correlations")
     Xs = torch.linalg.solve_triangular(L, X, upper=False)
     ys = torch.linalg.solve_triangular(L, y[:, None], upper=False)[:, 0]
     LA, info = torch.linalg.cholesky_ex(Xs.T @ Xs)

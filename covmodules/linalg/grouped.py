@@ -36,8 +36,8 @@ from ..operators.kronecker import KroneckerProduct
 from ..structures.diagonal import DiagonalMatrix
 from ..structures.identity import IdentityMatrix
 from ..structures.scalar import ScalarMatrix
-from .base import (Factor, GLSState, NotPositiveDefiniteError, StructuredSolver,
-                   UnsupportedStructure, additive_pieces)
+from .base import Factor, GLSState, StructuredSolver, UnsupportedStructure, additive_pieces
+from .dense import cholesky
 from .woodbury import DIAGONAL, diagonal_values, diagonal_vjp
 
 __all__ = ["GroupedSolver", "GroupedFactor"]
@@ -89,19 +89,17 @@ class GroupedFactor(Factor):
         self.buckets, self.n, self.L = buckets, n, []
         logdet = 0.0
         for V in blocks:
-            L, info = torch.linalg.cholesky_ex(V)
-            if bool((info != 0).any()):
-                raise NotPositiveDefiniteError(
-                    "a block of V is not positive definite at these parameters; try other "
-                    "start values, e.g. larger variances or smaller correlations")
+            L = cholesky(V, "a block of V is not positive definite at these parameters (or "
+                            "singular up to rounding); try other start values, e.g. larger "
+                            "variances or smaller correlations")
             self.L.append(L)
             logdet = logdet + 2 * torch.log(L.diagonal(dim1=1, dim2=2)).sum()
         self.logdet = logdet
 
     def whiten(self, B):
         k = B.shape[1]
-        return torch.cat([torch.linalg.solve_triangular(L, B[idx], upper=False).reshape(-1, k)
-                          for idx, L in zip(self.buckets, self.L)])
+        return torch.cat([torch.linalg.solve_triangular(L, B[idx], upper=False)
+                          .reshape(idx.numel(), k) for idx, L in zip(self.buckets, self.L)])
 
     def unwhiten(self, W):
         out, start = W.new_empty(self.n, W.shape[1]), 0

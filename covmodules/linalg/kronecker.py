@@ -71,8 +71,8 @@ __all__ = ["KroneckerSolver", "KroneckerFactor", "GridData", "complete_grid"]
 def kron_matmul(Qa: torch.Tensor, Qb: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     """``(Qa ⊗ Qb) B`` for ``B`` of shape ``(mn, k)`` in ``mn(m + n) k``."""
     m, n, k = Qa.shape[1], Qb.shape[1], B.shape[1]
-    C = (Qa @ B.reshape(m, n * k)).reshape(-1, n, k)
-    return torch.matmul(Qb, C).reshape(-1, k)
+    C = (Qa @ B.reshape(m, n * k)).reshape(Qa.shape[0], n, k)
+    return torch.matmul(Qb, C).reshape(Qa.shape[0] * Qb.shape[0], k)
 
 
 class KroneckerFactor(Factor):
