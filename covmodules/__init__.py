@@ -1,6 +1,7 @@
 """covmodules: covariance structures for linear mixed models as PyTorch modules."""
 
 from .base import CovarianceFunction, CovarianceModule, ParamSpec, Structure
+from .checks import Checks
 from .fitting import fit
 from .model import MixedModel
 from .operators import *  # noqa: F401,F403
@@ -14,5 +15,6 @@ from .layers import *  # noqa: F401,F403
 
 __version__ = "0.1.0"
 __all__ = ["CovarianceFunction", "CovarianceModule", "ParamSpec", "Structure",
-           "MixedModel", "fit", "FitResult", "REML", "REMLLoss", "MLLoss", "reml_loss", "ml_loss",
+           "MixedModel", "Checks", "fit", "FitResult", "REML", "REMLLoss", "MLLoss", "reml_loss",
+           "ml_loss",
            *_structures, *_operators, *_layers]

@@ -50,6 +50,7 @@ import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
 from .base import CovarianceModule
+from .checks import Checks, prepare
 from .linalg import NotPositiveDefiniteError, select_solver
 from .linalg.base import GLSState, StructuredSolver
 
@@ -95,37 +96,35 @@ class ShardedREML:
         method: ``"reml"`` or ``"ml"``.
         solver: likelihood solver name for every shard (default: chosen from the structure;
             it must be a structured solver, e.g. ``"grouped"``).
+        checks: the design checks (:class:`~covmodules.checks.Checks`, default all), run on
+            the whole data: the shards' data are validated as :class:`~covmodules.reml.REML`
+            validates one data set (:func:`covmodules.checks.prepare`), and aliased columns of
+            ``X``, the exact-fit check and the level counts are decided on sums over all
+            shards and processes, so every process drops the same columns with the same
+            warning as the unsharded fit.
     """
 
-    def __init__(self, shards, x_names=None, method: str = "reml", solver=None):
+    def __init__(self, shards, x_names=None, method: str = "reml", solver=None,
+                 checks: Checks | None = None):
         if not shards:
             raise ValueError("shards must hold at least one (model, y, X) shard")
         if method not in ("reml", "ml"):
             raise ValueError(f"method must be 'reml' or 'ml', got {method!r}")
         self.method = method
-        self.models, self.ys, self.Xs, self.solvers = [], [], [], []
-        for i, (model, y, X) in enumerate(shards):
-            model, y, X = _check_shard(i, model, y, X)
-            if model.free_param_names != shards[0][0].free_param_names:
+        data = prepare(shards, x_names, checks, reduce=_all_reduce)
+        self.models = [model for model, _, _ in shards]
+        self.ys, self.Xs, self.x_names, self.dropped = data.ys, data.Xs, data.x_names, data.dropped
+        self.n, self.p, self._residual_variance = data.n, len(data.x_names), data.residual_variance
+        self.solvers = []
+        for i, model in enumerate(self.models):
+            if model.free_param_names != self.models[0].free_param_names:
                 raise ValueError(f"shard {i}'s model has parameters {model.free_param_names}, "
-                                 f"shard 0's {shards[0][0].free_param_names}")
+                                 f"shard 0's {self.models[0].free_param_names}")
             chosen = select_solver(model, solver)
             if not isinstance(chosen, StructuredSolver):
                 raise ValueError(f"shard {i}: sharded REML needs a structured solver (grouped, "
                                  f"woodbury, kronecker), got {chosen.name!r}")
-            self.models.append(model)
-            self.ys.append(y)
-            self.Xs.append(X)
             self.solvers.append(chosen)
-        widths = {X.shape[1] for X in self.Xs}
-        if len(widths) != 1:
-            raise ValueError(f"every shard's X needs the same columns, got widths {widths}")
-        self.p = widths.pop()
-        self.x_names = list(x_names) if x_names is not None else (
-            ["(Intercept)"] if shards[0][2] is None else [f"x{j}" for j in range(self.p)])
-        self.dropped: list[str] = []
-        self.n = int(_all_reduce(torch.tensor(float(sum(len(y) for y in self.ys)),
-                                              dtype=torch.float64, device=self.ys[0].device)))
         self.solver = self.solvers[0]
 
     @property
@@ -134,17 +133,9 @@ class ShardedREML:
 
     # ----------------------------------------------------------------- sums
     def residual_variance(self) -> float:
-        """Variance of the full data's OLS residuals (as :meth:`REML.residual_variance`)."""
-        p = self.p
-        parts = [torch.cat([(X.T @ X).reshape(-1), X.T @ y, (y @ y)[None], X.sum(0), y.sum()[None]])
-                 for X, y in zip(self.Xs, self.ys)]
-        total = _all_reduce(torch.stack(parts).sum(0))
-        XtX, Xty = total[:p * p].reshape(p, p), total[p * p:p * p + p]
-        yty, xsum, ysum = total[p * p + p], total[p * p + p + 1:p * p + 2 * p + 1], total[-1]
-        beta = torch.linalg.lstsq(XtX, Xty[:, None]).solution[:, 0]
-        rss = yty - 2 * beta @ Xty + beta @ XtX @ beta
-        rsum = ysum - beta @ xsum
-        return max(float((rss - rsum ** 2 / self.n) / (self.n - 1)), 1e-300)
+        """Variance of the full data's OLS residuals (as :meth:`REML.residual_variance`),
+        from the sums reduced when the objective was built."""
+        return self._residual_variance
 
     def state(self, free_params=None) -> ShardedState:
         """Global estimates and ``-l`` at ``free_params`` (registered values by default)."""
@@ -255,22 +246,3 @@ class ShardedNegLogLik(torch.autograd.Function):
         (free,) = ctx.saved_tensors
         share = ctx.objective.local_gradient(free.detach(), ctx.state)
         return (world_size() * share * grad).to(free.dtype), None
-
-
-def _check_shard(i, model, y, X):
-    if not isinstance(model, CovarianceModule):
-        raise TypeError(f"shard {i}: model must be a CovarianceModule, got "
-                        f"{type(model).__name__}")
-    if not isinstance(y, torch.Tensor) or y.dim() != 1:
-        raise ValueError(f"shard {i}: y must be a 1-D tensor")
-    n = y.shape[0]
-    if model.shape != (n, n):
-        raise ValueError(f"shard {i}: the model has shape {model.shape} but y has length {n}")
-    if X is None:
-        X = torch.ones(n, 1, dtype=torch.float64, device=y.device)
-    if not isinstance(X, torch.Tensor) or X.dim() != 2 or X.shape[0] != n:
-        raise ValueError(f"shard {i}: X must be a tensor of shape ({n}, p)")
-    for name, t in (("y", y), ("X", X)):
-        if not bool(torch.isfinite(t).all()):
-            raise ValueError(f"shard {i}: {name} contains NaN or inf values")
-    return model, y.to(torch.float64), X.to(torch.float64)

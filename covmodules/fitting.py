@@ -20,14 +20,14 @@ OPTIMIZERS = ("ai", "lbfgs", "adam", "sgd")
 
 def fit(model: CovarianceModule | ShardedREML, y=None, X=None, *, x_names=None, method: str = "ai",
         reml: bool = True, start=None, max_iter: int | None = None, tol: float = 1e-10,
-        lr: float = 0.05, solver=None, callback=None) -> FitResult:
+        lr: float = 0.05, solver=None, callback=None, checks=None) -> FitResult:
     """Fit the covariance parameters of ``y = X b + e``, ``Var(y) = V`` by REML (or ML).
 
     Args:
         model: a covariance module for ``V`` (e.g. a :class:`~covmodules.MixedModel`), or a
             :class:`~covmodules.distributed.ShardedREML` objective (then ``y``, ``X``,
-            ``x_names``, ``reml`` and ``solver`` come from it): under ``torch.distributed``
-            every process runs the same fit and ends at the same estimates.
+            ``x_names``, ``reml``, ``solver`` and ``checks`` come from it): under
+            ``torch.distributed`` every process runs the same fit and ends at the same estimates.
         y: response ``(n,)``; X: fixed-effects design ``(n, p)`` (``None``: intercept only).
         x_names: names of the columns of ``X``.
         method: ``"ai"`` (AI-REML, default), ``"lbfgs"``, ``"adam"`` or ``"sgd"``.
@@ -41,6 +41,8 @@ def fit(model: CovarianceModule | ShardedREML, y=None, X=None, *, x_names=None, 
         solver: likelihood solver name or instance (default: chosen from the structure;
             see :func:`covmodules.linalg.select_solver`); reported as ``result.solver``.
         callback: called with a dict per iteration (AI-REML) or per step (torch optimisers).
+        checks: the design checks run before the fit, a :class:`~covmodules.checks.Checks`
+            (default: all of them; e.g. ``Checks(obs_gt_levels=False)`` fits anyway).
 
     Returns:
         A :class:`~covmodules.results.FitResult`; the model is left at the estimates.
@@ -64,7 +66,7 @@ def fit(model: CovarianceModule | ShardedREML, y=None, X=None, *, x_names=None, 
         objective, model = model, model.model
     else:
         objective = REML(model, y, X, x_names=x_names, method="reml" if reml else "ml",
-                         solver=solver)
+                         solver=solver, checks=checks)
     free = start_values(objective, start)
     if method == "ai":
         run = AIREML(objective, max_iter=50 if max_iter is None else max_iter, tol=tol,

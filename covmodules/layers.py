@@ -75,7 +75,9 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from .base import CovarianceModule
+from .checks import Checks, check_distinct_rows, grouped_row_classes
 from .linalg import NotPositiveDefiniteError
+from .linalg.dense import cholesky
 from .model import MixedModel
 from .operators.gram import Gram
 from .operators.grouped import Grouped, default_positions, size_class_blocks
@@ -84,7 +86,7 @@ from .operators.sum import Sum
 from .reml import REML
 from .structures.design_matrix import DesignMatrix
 from .structures.scalar import ScalarMatrix
-from .validation import check_size
+from .validation import as_data, check_size
 
 __all__ = ["CovarianceLayer", "RandomIntercept", "GroupedCovariance", "KroneckerCovariance",
            "DeepKernel", "GroupBatchSampler", "gaussian_nll"]
@@ -207,12 +209,9 @@ class DeepKernelNLL(torch.autograd.Function):
 
 
 def _cholesky(V: torch.Tensor) -> torch.Tensor:
-    L, info = torch.linalg.cholesky_ex(V)
-    if bool((info != 0).any()):
-        raise NotPositiveDefiniteError(
-            "the covariance of a group is not positive definite at these parameters; "
-            "add a nugget or start from larger variances")
-    return L
+    return cholesky(V, "the covariance of a group is not positive definite at these "
+                       "parameters (or singular up to rounding); add a nugget or start from "
+                       "larger variances")
 
 
 def _kronecker_eigen(A, B, s):
@@ -247,28 +246,16 @@ def gaussian_nll(covariance: CovarianceModule, y, mean, reduction: str = "sum") 
 
 
 # ------------------------------------------------------------------------- input checks
-def _vector(t, name: str) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if not t.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    if t.dim() == 2 and t.shape[1] == 1:
-        t = t[:, 0]
-    if t.dim() != 1:
-        raise ValueError(f"{name} must have shape (n,) or (n, 1), got {tuple(t.shape)}")
-    if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} contains {int((~torch.isfinite(t)).sum())} NaN or inf values")
-    return t
-
-
 def _response(y, mean) -> tuple[torch.Tensor, torch.Tensor]:
-    """``y`` and ``mean`` as finite float64 vectors of one length (the graph is kept)."""
-    y, mean = _vector(y, "y"), _vector(mean, "mean")
+    """``y`` and ``mean`` as finite float64 vectors of one length on ``mean``'s device, the
+    graph kept (the checks of :func:`covmodules.validation.as_data`, as for REML's data)."""
+    mean = as_data(mean, "mean", 1)
+    y = as_data(y, "y", 1, mean.device)
     if y.shape != mean.shape:
         raise ValueError(f"y has {y.shape[0]} rows but mean has {mean.shape[0]}")
     if y.shape[0] == 0:
         raise ValueError("y and mean are empty: a batch needs at least one row")
-    return y.to(torch.float64), mean.to(torch.float64)
+    return y, mean
 
 
 def _integers(values, n: int, name: str) -> torch.Tensor:
@@ -367,24 +354,25 @@ class CovarianceLayer(nn.Module, abc.ABC):
     def batch_model(self, *index) -> CovarianceModule:
         """The batch's covariance module at the layer's current values (dense reference, REML)."""
 
-    def reml_objective(self, y, X, *index, reduction: str = "sum", solver=None) -> REML:
-        """The :class:`~covmodules.reml.REML` objective of the batch with fixed effects ``X``.
+    def reml_objective(self, y, X, *index, reduction: str = "sum", solver=None,
+                       checks: Checks | None = None) -> REML:
+        """The :class:`~covmodules.reml.REML` objective of the batch with fixed effects ``X``
+        (its data checks and the design ``checks``, :class:`~covmodules.checks.Checks`).
 
         ``objective.state(layer.free_params().detach()).beta`` is the GLS estimate.
         """
-        y = _vector(y, "y").to(torch.float64)
-        if not isinstance(X, torch.Tensor) or X.dim() != 2:
-            raise ValueError("X must be a 2-D tensor (n, p), e.g. the last-layer features")
-        return REML(self.batch_model(*index), y, X.to(torch.float64), reduction=reduction,
-                    solver=solver)
+        return REML(self.batch_model(*index), y, X, reduction=reduction, solver=solver,
+                    checks=checks)
 
-    def reml(self, y, X, *index, reduction: str = "sum", solver=None) -> torch.Tensor:
+    def reml(self, y, X, *index, reduction: str = "sum", solver=None,
+             checks: Checks | None = None) -> torch.Tensor:
         """Minus the REML log-likelihood of the batch with ``X`` (e.g. last-layer features).
 
         Differentiable in the layer's parameters, ``y`` and ``X``; the solver is chosen from
         the batch model's structure unless ``solver`` names one.
         """
-        objective = self.reml_objective(y, X, *index, reduction=reduction, solver=solver)
+        objective = self.reml_objective(y, X, *index, reduction=reduction, solver=solver,
+                                        checks=checks)
         return objective.loss(self.free_params())
 
 
@@ -450,7 +438,7 @@ class RandomIntercept(CovarianceLayer):
 
     def predict(self, mean, groups) -> torch.Tensor:
         """``mean + û_g`` for groups seen by :meth:`fit_blups`; ``mean`` for any other code."""
-        flat = _vector(mean, "mean")
+        flat = as_data(mean, "mean", 1)
         codes, seen = self._new_or_unseen(groups, flat.shape[0])
         add = torch.where(seen, self.blup[codes], 0.0).to(mean.dtype)
         return mean + add.reshape(mean.shape)
@@ -523,6 +511,8 @@ class GroupedCovariance(CovarianceLayer):
         if n and (int(pos.min()) < 0 or int(pos.max()) >= self.size):
             raise ValueError(f"positions must lie in 0..{self.size - 1} (within is "
                              f"{self.size} x {self.size}), got {int(pos.min())}..{int(pos.max())}")
+        if self.nugget is None:      # two rows of a group at one position: V_g is singular
+            check_distinct_rows(grouped_row_classes(codes, pos, self.within))
         return pos
 
     def _matrices(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -585,7 +575,7 @@ class GroupedCovariance(CovarianceLayer):
 
     def predict(self, mean, groups, positions) -> torch.Tensor:
         """``mean + Σ_j S[t, p_j] (V_g⁻¹ r_g)_j`` for seen groups; ``mean`` for any other code."""
-        flat = _vector(mean, "mean")
+        flat = as_data(mean, "mean", 1)
         codes, seen = self._new_or_unseen(groups, flat.shape[0])
         t = _integers(positions, flat.shape[0], "positions").to(codes.device)
         if bool(((t < 0) | (t >= self.size)).any()):
@@ -746,7 +736,7 @@ class DeepKernel(CovarianceLayer):
 
     def predict(self, mean, features) -> torch.Tensor:
         """``mean + φ(x)ᵀ w``."""
-        flat = _vector(mean, "mean")
+        flat = as_data(mean, "mean", 1)
         phi = self._features(features, flat.shape[0])
         return mean + (phi @ self.weights.to(phi)).to(mean.dtype).reshape(mean.shape)
 

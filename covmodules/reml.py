@@ -29,12 +29,11 @@ Example::
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import nn
 
 from .base import CovarianceModule
+from .checks import Checks, prepare
 from .linalg import NotPositiveDefiniteError, select_solver
 
 __all__ = ["NotPositiveDefiniteError", "REML",
@@ -44,9 +43,11 @@ __all__ = ["NotPositiveDefiniteError", "REML",
 class REML:
     """The REML (or ML) objective of ``y = X b + e``, ``e ~ N(0, V)``, ``V`` a covariance module.
 
-    Validates the data once (finite values, matching sizes, full-rank ``X``: aliased columns
-    are dropped with a warning naming them, like lme4) and evaluates the loss at the
-    registered parameters or at given free-scale values.
+    Validates the data once with :func:`covmodules.checks.prepare` (real finite values,
+    matching sizes, full-rank ``X``: aliased columns are dropped with a warning naming them,
+    like lme4; ``y`` not fitted exactly by ``X``; the design checks of ``checks``) and
+    evaluates the loss at the registered parameters or at given free-scale values. ``y`` and
+    ``X`` are kept as float64 on the model's device.
 
     Args:
         model: a :class:`~covmodules.base.CovarianceModule` of shape ``(n, n)``.
@@ -57,10 +58,12 @@ class REML:
         reduction: ``"sum"`` (the total, R's scale) or ``"mean"`` (per observation).
         solver: ``None`` (chosen from the model's structure), a name from
             ``covmodules.linalg.SOLVERS`` (``"dense"``, ...) or a ``Solver`` instance.
+        checks: the design checks to run, a :class:`~covmodules.checks.Checks` (default:
+            all of them).
     """
 
     def __init__(self, model: CovarianceModule, y, X=None, x_names=None, method: str = "reml",
-                 reduction: str = "sum", solver=None):
+                 reduction: str = "sum", solver=None, checks: Checks | None = None):
         if not isinstance(model, CovarianceModule):
             raise TypeError(f"model must be a CovarianceModule, got {type(model).__name__}")
         if method not in ("reml", "ml"):
@@ -68,7 +71,10 @@ class REML:
         if reduction not in ("sum", "mean"):
             raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
         self.model, self.method, self.reduction = model, method, reduction
-        self.y, self.X, self.x_names, self.dropped = _check_data(model, y, X, x_names)
+        data = prepare([(model, y, X)], x_names, checks)
+        self.y, self.X = data.ys[0], data.Xs[0]
+        self.x_names, self.dropped = data.x_names, data.dropped
+        self._residual_variance = data.residual_variance
         self.solver = select_solver(model, solver)
 
     @property
@@ -80,10 +86,9 @@ class REML:
         return self.X.shape[1]
 
     def residual_variance(self) -> float:
-        """Variance of the OLS residuals of ``y`` on ``X``: the data's scale, for start values
-        and boundary thresholds."""
-        resid = self.y - self.X @ torch.linalg.lstsq(self.X, self.y).solution
-        return max(float(resid.var()), 1e-300)
+        """Variance of the OLS residuals of ``y`` on ``X`` (positive: ``y`` is not fitted
+        exactly): the data's scale, for start values and boundary thresholds."""
+        return self._residual_variance
 
     def loss(self, free_params=None) -> torch.Tensor:
         """``-l`` at the registered parameters (gradients reach them) or at ``free_params``."""
@@ -105,43 +110,6 @@ class REML:
     def average_information(self, free: torch.Tensor, state) -> torch.Tensor:
         """``AI = ½ Uᵀ P U`` with ``U[:, k] = dV/dθ_k (P y)``: K structured products."""
         return self.solver.average_information(free, state)
-
-
-def _check_data(model, y, X, x_names):
-    from .design import drop_aliased
-
-    if not isinstance(y, torch.Tensor):
-        raise TypeError(f"y must be a torch.Tensor, got {type(y).__name__}")
-    if y.dim() == 2 and y.shape[1] == 1:
-        y = y[:, 0]
-    if y.dim() != 1:
-        raise ValueError(f"y must be 1-D of length n, got shape {tuple(y.shape)}")
-    n = y.shape[0]
-    if model.shape != (n, n):
-        raise ValueError(f"the covariance model has shape {model.shape} but y has length {n}")
-    dtype = y.dtype if y.is_floating_point() else torch.float64
-    if X is None:
-        X = torch.ones(n, 1, dtype=dtype, device=y.device)
-        x_names = x_names or ["(Intercept)"]
-    if not isinstance(X, torch.Tensor):
-        raise TypeError(f"X must be a torch.Tensor, got {type(X).__name__}")
-    if X.dim() != 2 or X.shape[0] != n:
-        raise ValueError(f"X must have shape (n, p) with n = len(y) = {n} rows, "
-                         f"got {tuple(X.shape)}")
-    if not bool(torch.isfinite(y).all()):
-        raise ValueError(f"y contains {int((~torch.isfinite(y)).sum())} NaN or inf values")
-    if not bool(torch.isfinite(X).all()):
-        raise ValueError(f"X contains {int((~torch.isfinite(X)).sum())} NaN or inf values")
-    names = list(x_names) if x_names is not None else [f"x{j}" for j in range(X.shape[1])]
-    if len(names) != X.shape[1]:
-        raise ValueError(f"x_names has {len(names)} names for {X.shape[1]} columns of X")
-    X, names, dropped = drop_aliased(X, names)
-    if dropped:
-        warnings.warn(f"fixed-effect model matrix is rank deficient: dropping aliased "
-                      f"column(s) {dropped}", stacklevel=3)
-    if X.shape[1] >= n:
-        raise ValueError(f"X has {X.shape[1]} independent columns for {n} observations")
-    return y.to(dtype), X.to(dtype), names, dropped
 
 
 def reml_loss(model: CovarianceModule, y, X=None, reduction: str = "sum") -> torch.Tensor:

@@ -7,7 +7,7 @@ import numbers
 import numpy as np
 import torch
 
-__all__ = ["check_size", "as_matrix", "as_vector"]
+__all__ = ["check_size", "as_matrix", "as_vector", "as_data"]
 
 
 def check_size(value, name: str) -> int:
@@ -63,3 +63,27 @@ def as_vector(value, name: str, length: int | None = None) -> torch.Tensor:
     if length is not None and t.numel() != length:
         raise ValueError(f"{name} must have length {length}, got {t.numel()}")
     return t
+
+
+def as_data(value, name: str, dim: int, device=None) -> torch.Tensor:
+    """Data (``y``, ``X``, a network's output) as a finite float64 tensor with ``dim``
+    dimensions, on ``device`` when given, the autograd graph kept. A vector may come as
+    ``(n, 1)``; integers are converted, complex and boolean tensors refused.
+
+    >>> as_data(torch.tensor([[1], [2]]), "y", 1)
+    tensor([1., 2.], dtype=torch.float64)
+    """
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.is_complex() or value.dtype == torch.bool:
+        raise TypeError(f"{name} must hold real numbers (a floating-point or integer tensor), "
+                        f"got {value.dtype}")
+    if dim == 1 and value.dim() == 2 and value.shape[1] == 1:
+        value = value[:, 0]
+    if value.dim() != dim:
+        shape = "(n,) or (n, 1)" if dim == 1 else "(n, p)"
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(value.shape)}")
+    bad = int((~torch.isfinite(value)).sum())
+    if bad:
+        raise ValueError(f"{name} contains {bad} NaN or inf values")
+    return value.to(device=device, dtype=torch.float64)

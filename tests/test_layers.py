@@ -403,8 +403,10 @@ def test_bad_input_raises_clear_errors():
         layer.nll(y, mean, torch.tensor([0.0, 0.0, 1.0]))
     with pytest.raises(ValueError, match=r"codes in 0\.\.2"):
         layer.nll(y, mean, torch.tensor([0, 0, 3]))
-    with pytest.raises(TypeError, match="floating-point"):
-        layer.nll(torch.tensor([1, 2, 3]), mean, g)
+    # the data checks of REML: integers are converted, complex and boolean tensors refused
+    assert torch.equal(layer.nll(torch.tensor([1, 2, 3]), mean, g), layer.nll(y, mean, g))
+    with pytest.raises(TypeError, match="y must hold real numbers.*complex64"):
+        layer.nll(y.to(torch.complex64), mean, g)
     with pytest.raises(ValueError, match="reduction"):
         layer.nll(y, mean, g, reduction="none")
     with pytest.raises(ValueError, match="batch holds part of 1 group.*group 0 with 1 of its 2"):
