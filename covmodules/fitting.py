@@ -8,12 +8,15 @@ import warnings
 import torch
 
 from .base import CovarianceModule
-from .optim import AIREML, scale_start
+from .optim import (AIREML, ParameterScale, scale_start, settle_boundary,
+                    unidentified_params)
 from .distributed import ShardedREML, world_size
+from .linalg import NotPositiveDefiniteError
 from .reml import REML
 from .results import FitResult
 
-__all__ = ["fit", "start_values", "torch_optimizer"]
+__all__ = ["fit", "fit_result", "start_values", "torch_optimizer", "loss_converged", "InUnits",
+           "free_parameters", "free_units"]
 
 OPTIMIZERS = ("ai", "lbfgs", "adam", "sgd")
 
@@ -36,7 +39,7 @@ def fit(model: CovarianceModule | ShardedREML, y=None, X=None, *, x_names=None, 
             their defaults), a dict of natural-scale values by name, or a flat free-scale tensor.
         max_iter: iteration limit (default 50 for AI-REML, 200 for LBFGS, 2000 for Adam/SGD).
         tol: convergence tolerance (AI-REML: Newton decrement; torch optimisers: the change of
-            the loss between iterations).
+            the loss between iterations, per observation).
         lr: learning rate for Adam/SGD (LBFGS uses a strong-Wolfe line search).
         solver: likelihood solver name or instance (default: chosen from the structure;
             see :func:`covmodules.linalg.select_solver`); reported as ``result.solver``.
@@ -71,19 +74,37 @@ def fit(model: CovarianceModule | ShardedREML, y=None, X=None, *, x_names=None, 
     if method == "ai":
         run = AIREML(objective, max_iter=50 if max_iter is None else max_iter, tol=tol,
                      callback=callback).run(free)
-        free, state, ai = run.free, run.state, run.ai
-        converged, iterations, boundary, history = (run.converged, run.iterations,
-                                                    run.boundary, run.history)
-    else:
-        limit = (200 if method == "lbfgs" else 2000) if max_iter is None else max_iter
-        free, converged, iterations, history = _torch_fit(objective, free, method, limit, tol,
-                                                         lr, callback)
-        state = objective.state(free)
-        ai = objective.average_information(free, state)
-        boundary = []
-    model.set_free_params(free)
-    return FitResult(objective, free, state, ai, converged, iterations, method, boundary,
-                     history)
+        return fit_result(objective, run.free, run.converged, run.iterations, method,
+                          run.history, run.boundary, run.state)
+    limit = (200 if method == "lbfgs" else 2000) if max_iter is None else max_iter
+    free, converged, iterations, history = _torch_fit(objective, free, method, limit, tol,
+                                                     lr, callback)
+    return fit_result(objective, free, converged, iterations, method, history)
+
+
+def fit_result(objective, free, converged: bool, iterations: int, optimizer: str,
+               history=(), boundary: list[str] | None = None, state=None) -> FitResult:
+    """The :class:`~covmodules.results.FitResult` of a run that ended at free-scale ``free``
+    (every optimiser, here and in ``training``): the model is set to ``free``; a torch
+    optimiser's run (``boundary`` ``None``) has its boundary parameters settled as AI-REML's
+    are (:func:`~covmodules.optim.settle_boundary`); a singular AI matrix is reported
+    (:attr:`FitResult.unidentified`), each with a warning."""
+    state = objective.state(free) if state is None else state
+    if boundary is None:
+        boundary, state = settle_boundary(objective, free, state)
+        if boundary:
+            warnings.warn(f"singular fit: {boundary} at the boundary of the parameter space",
+                          stacklevel=3)
+    objective.model.set_free_params(free)
+    ai = objective.average_information(free, state)
+    names = objective.model.free_param_names
+    unidentified = unidentified_params(ai, names, [name not in boundary for name in names])
+    if unidentified:
+        warnings.warn(f"the AI matrix is singular at the estimates: {unidentified} are not "
+                      "identified by these data (their standard errors are NaN); simplify the "
+                      "model or fix one of them", stacklevel=3)
+    return FitResult(objective, free, state, ai, converged, iterations, optimizer,
+                     list(boundary), list(history), unidentified)
 
 
 def start_values(objective: REML, start=None) -> torch.Tensor:
@@ -102,21 +123,99 @@ def start_values(objective: REML, start=None) -> torch.Tensor:
     return model._check_free(start).detach().to(torch.float64)
 
 
-def torch_optimizer(method: str, params, lr: float = 0.05) -> torch.optim.Optimizer:
+def torch_optimizer(method: str, params, lr: float = 0.05, objective=None
+                    ) -> torch.optim.Optimizer:
     """The torch optimiser ``fit`` uses for ``method`` (``"lbfgs"``, ``"adam"``, ``"sgd"``):
-    LBFGS with a strong-Wolfe line search and tight tolerances; Adam / SGD at ``lr``."""
-    if method == "lbfgs":
-        return torch.optim.LBFGS(params, lr=1.0, max_iter=20, tolerance_grad=1e-12,
-                                 tolerance_change=1e-14, history_size=20,
-                                 line_search_fn="strong_wolfe")
-    return (torch.optim.Adam if method == "adam" else torch.optim.SGD)(params, lr=lr)
+    LBFGS with a strong-Wolfe line search and tight tolerances; Adam / SGD at ``lr``.
+
+    With the ``objective``, it runs on ``θ / unit`` (:class:`InUnits`) and LBFGS stops when
+    an iteration changes ``-l`` by less than ``1e-13`` per observation: a scale-free rule
+    above the rounding error of ``-l``, so the end point does not depend on rounding (the
+    order of the sums over shards and processes)."""
+    change = 1e-14 if objective is None else 1e-13 * objective.n
+
+    def build(tensors):
+        if method == "lbfgs":
+            return torch.optim.LBFGS(tensors, lr=1.0, max_iter=20, tolerance_grad=1e-12,
+                                     tolerance_change=change, history_size=20,
+                                     line_search_fn="strong_wolfe")
+        return (torch.optim.Adam if method == "adam" else torch.optim.SGD)(tensors, lr=lr)
+
+    if objective is None:
+        return build(list(params))
+    return InUnits(params, free_units(objective), build)
+
+
+def free_parameters(model) -> list[torch.nn.Parameter]:
+    """The model's free parameters (``nn.Parameter`` s) in the flat free order."""
+    raws = model._raw_tensors()
+    return [raws[i] for i in model.free_param_index]
+
+
+def free_units(objective) -> list[float]:
+    """Each free parameter's unit on the data's scale (:meth:`ParameterScale.free_units`)."""
+    return ParameterScale(objective.model, objective.residual_variance()).free_units().tolist()
+
+
+class InUnits(torch.optim.Optimizer):
+    """A torch optimiser run on ``u = θ / unit`` for parameters ``θ``: each free parameter
+    measured in its unit on the data's scale, so that the iterates do not depend on the scale
+    of ``y`` (a loading moves in units of ``y``'s standard deviation, a log variance in its
+    own units). The parameters ``θ`` keep the values and gradients; ``build(tensors)`` makes
+    the inner optimiser of the ``u`` tensors, whose state this one saves and loads."""
+
+    def __init__(self, params, units, build):
+        params = list(params)
+        super().__init__(params, {})
+        if len(units) != len(params):
+            raise ValueError(f"units has {len(units)} entries for {len(params)} parameters")
+        self.units = [float(u) for u in units]
+        self.scaled = [p.detach().clone().requires_grad_(True) for p in params]
+        self.inner = build(self.scaled)
+
+    def _pairs(self):
+        return zip(self.param_groups[0]["params"], self.scaled, self.units)
+
+    @torch.no_grad()
+    def _write_params(self) -> None:
+        for p, u, unit in self._pairs():
+            p.copy_(u * unit)
+
+    def _read_grads(self) -> None:
+        for p, u, unit in self._pairs():
+            u.grad = None if p.grad is None else p.grad * unit
+
+    def step(self, closure=None):
+        with torch.no_grad():
+            for p, u, unit in self._pairs():          # θ may have been set since the last step
+                u.copy_(p / unit)
+
+        def scaled_closure():
+            self._write_params()
+            with torch.enable_grad():
+                loss = closure()
+            self._read_grads()
+            return loss
+
+        if closure is None:
+            self._read_grads()
+        loss = self.inner.step(None if closure is None else scaled_closure)
+        self._write_params()
+        return loss
+
+    def state_dict(self) -> dict:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.inner.load_state_dict(state_dict)
 
 
 def _torch_fit(objective, free, method, max_iter, tol, lr, callback):
+    """Run the torch optimiser ``method`` in the parameters' units (:class:`InUnits`)."""
     model = objective.model
     model.set_free_params(free)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch_optimizer(method, params, lr)
+    params = free_parameters(model)
+    opt = torch_optimizer(method, params, lr, objective)
 
     def closure():
         opt.zero_grad()
@@ -130,15 +229,28 @@ def _torch_fit(objective, free, method, max_iter, tol, lr, callback):
 
     history, previous, converged = [], math.inf, False
     for step in range(1, max_iter + 1):
-        loss = float(opt.step(closure))
+        last = model.free_params().clone()
+        try:
+            loss = float(opt.step(closure))
+        except NotPositiveDefiniteError as err:
+            warnings.warn(f"{method} stopped at its last point where V is positive definite: "
+                          f"a trial step left that region ({err}); method='ai' halves such "
+                          "steps", stacklevel=3)
+            return last, False, step, history
         record = {"iteration": step, "loglik": -loss}
         history.append(record)
         if callback is not None:
             callback(record)
-        if abs(previous - loss) < tol * max(1.0, abs(loss)):
+        if loss_converged(previous, loss, tol, objective.n):
             converged = True
             break
         previous = loss
     if not converged:
         warnings.warn(f"{method} reached max_iter={max_iter} without converging", stacklevel=3)
     return model.free_params().clone(), converged, step, history
+
+
+def loss_converged(previous: float, loss: float, tol: float, n: int) -> bool:
+    """The torch optimisers' convergence rule: ``-l`` changed by less than ``tol`` per
+    observation (an absolute change: ``-l`` moves by ``(n - p) log s`` when ``y → s y``)."""
+    return abs(previous - loss) < tol * n

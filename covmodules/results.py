@@ -34,6 +34,7 @@ class FitResult:
     optimizer: str
     boundary: list[str] = field(default_factory=list)
     history: list[dict] = field(default_factory=list)
+    unidentified: list[str] = field(default_factory=list)
 
     # ---------------------------------------------------------------- likelihood
     @property
@@ -80,9 +81,11 @@ class FitResult:
 
     @property
     def param_cov(self) -> np.ndarray:
-        """Covariance of the free-scale estimates: the inverse AI matrix (boundary rows NaN)."""
+        """Covariance of the free-scale estimates: the inverse AI matrix (NaN rows for boundary
+        parameters and for those the AI matrix does not identify, see :attr:`unidentified`)."""
         names = self.model.free_param_names
-        active = [i for i, n in enumerate(names) if n not in self.boundary]
+        excluded = set(self.boundary) | set(self.unidentified)
+        active = [i for i, n in enumerate(names) if n not in excluded]
         cov = np.full((len(names), len(names)), np.nan)
         if active:
             sub = self.ai[active][:, active]
@@ -185,6 +188,9 @@ class FitResult:
         ]
         if self.boundary:
             lines.append(f"  singular fit: {', '.join(self.boundary)} at the boundary")
+        if self.unidentified:
+            lines.append(f"  not identified (singular AI matrix, standard errors NaN): "
+                         f"{', '.join(self.unidentified)}")
         if self.objective.dropped:
             lines.append(f"  dropped aliased fixed-effect columns: {self.objective.dropped}")
         random = self.random_effects()

@@ -50,7 +50,8 @@ from covmodules import CovarianceModule
 from covmodules.base import Structure
 from covmodules.checks import Checks
 from covmodules.distributed import ShardedREML, world_size
-from covmodules.fitting import OPTIMIZERS, start_values, torch_optimizer
+from covmodules.fitting import (OPTIMIZERS, fit_result, free_parameters, loss_converged,
+                                start_values, torch_optimizer)
 from covmodules.linalg import applicable_solvers
 from covmodules.linalg.base import StructuredSolver
 from covmodules.optim import AIREML
@@ -230,8 +231,8 @@ class REMLModule(L.LightningModule):
         name = self.hparams.optimizer
         if name == "ai":
             return AIStep(lambda: self.objective, tol=self.hparams.tol)
-        params = [p for p in self.covariance.parameters() if p.requires_grad]
-        return torch_optimizer(name, params, self.hparams.lr)
+        return torch_optimizer(name, free_parameters(self.covariance), self.hparams.lr,
+                               self.objective)
 
     def on_fit_start(self) -> None:
         for p in self._shards or []:
@@ -318,8 +319,8 @@ class REMLModule(L.LightningModule):
             loss, self._epoch_loss = self._epoch_loss, 0.0
             self.history.append({"iteration": len(self.history) + 1, "loglik": -loss})
             previous, self._previous_loss = self._previous_loss, loss
-            tol = self.hparams.tol * max(1.0, abs(loss))
-            if previous is not None and abs(previous - loss) < tol:
+            if previous is not None and loss_converged(previous, loss, self.hparams.tol,
+                                                       self.objective.n):
                 self.converged = True
                 self.trainer.should_stop = True
         every = self.hparams.image_every_n_epochs
@@ -358,10 +359,11 @@ class REMLModule(L.LightningModule):
             objective = REML(model, self.y.cpu(), self.X.cpu(), x_names=self.x_names,
                              method=self.method, checks=self.checks)
         free = objective.model.free_params().to(torch.float64)
-        state = objective.state(free)
-        ai = objective.average_information(free, state)
-        return FitResult(objective, free, state, ai, self.converged, len(self.history),
-                         self.hparams.optimizer, list(self.boundary), list(self.history))
+        boundary = list(self.boundary) if self.hparams.optimizer == "ai" else None
+        result = fit_result(objective, free, self.converged, len(self.history),
+                            self.hparams.optimizer, self.history, boundary)
+        self.boundary = list(result.boundary)
+        return result
 
     # --------------------------------------------------------------- monitoring
     def _tensorboards(self) -> list[TensorBoardLogger]:
