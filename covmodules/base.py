@@ -93,9 +93,7 @@ class CovarianceFunction(torch.autograd.Function):
         (free,) = ctx.saved_tensors
         module = ctx.module
         nat = module._natural(module._full_raw(free))
-        g_nat = module._vjp(nat, grad_output.to(nat.dtype))
-        g_free = g_nat[module._free_index_tensor(free.device)] * module._free_derivative(free)
-        return g_free, None
+        return module.to_free(module._vjp(nat, grad_output.to(nat.dtype)), free), None
 
 
 class CovarianceModule(nn.Module, abc.ABC):
@@ -405,6 +403,15 @@ class CovarianceModule(nn.Module, abc.ABC):
         """Element-wise derivative of the free parameters' transforms at ``free_params``."""
         return self._free_derivative(self._resolve_free(free_params))
 
+    def to_free(self, g_nat: torch.Tensor, free_params=None) -> torch.Tensor:
+        """The chain rule from the natural to the free scale: ``g_nat`` of shape
+        ``(num_params, ...)`` (derivatives by every natural parameter) to
+        ``(num_free_params, ...)``, ``g[free] · dnat/dfree`` at ``free_params`` (the
+        registered values by default)."""
+        d = self._free_derivative(self._resolve_free(free_params))
+        return g_nat[self._free_index_tensor(g_nat.device)] * d.reshape(-1, *[1] * (g_nat.dim()
+                                                                                      - 1))
+
     def manual_grad(self, free_params=None):
         """Closed-form Jacobian ``(J, names)``, ``J`` of shape ``(num_free_params, *shape)``.
 
@@ -414,9 +421,8 @@ class CovarianceModule(nn.Module, abc.ABC):
             return None, []
         free = self._resolve_free(free_params)
         with torch.no_grad():
-            J = self._jacobian(self._natural(self._full_raw(free)))
-            d = self._free_derivative(free)
-        return J[self.free_param_index] * d[:, None, None], self.free_param_names
+            J = self.to_free(self._jacobian(self._natural(self._full_raw(free))), free)
+        return J, self.free_param_names
 
     def auto_grad(self, free_params=None):
         """The same Jacobian as :meth:`manual_grad`, by automatic differentiation."""
@@ -450,9 +456,7 @@ class CovarianceModule(nn.Module, abc.ABC):
         W = w.reshape(w.shape[0], -1)
         with torch.no_grad():
             nat = self._natural(self._full_raw(free))
-            out = self._dv_matmul(nat, W.to(nat.dtype))
-            d = self._free_derivative(free)
-        out = out[self.free_param_index] * d[:, None, None]
+            out = self.to_free(self._dv_matmul(nat, W.to(nat.dtype)), free)
         return out[..., 0] if w.dim() == 1 else out
 
     def map_theta_to_v(self, theta=None) -> torch.Tensor:

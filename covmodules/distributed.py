@@ -194,7 +194,7 @@ class ShardedREML:
             nat = model.build_params(free)
             g = sum(solver.natural_gradient(nat, s) for solver, s in zip(self.solvers,
                                                                          state.shards))
-            return g[model.free_param_index] * model.trans_grad(free)
+            return model.to_free(g, free)
 
     def gradient(self, free, state: ShardedState) -> torch.Tensor:
         """``∂(-l)/∂θ`` of the full data over the free parameters."""

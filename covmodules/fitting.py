@@ -8,8 +8,8 @@ import warnings
 import torch
 
 from .base import CovarianceModule
-from .optim import (AIREML, ParameterScale, scale_start, settle_boundary,
-                    unidentified_params)
+from .optim import AIREML
+from .scale import ParameterScale, scale_start, settle_boundary, unidentified_params
 from .distributed import ShardedREML, world_size
 from .linalg import NotPositiveDefiniteError
 from .reml import REML
@@ -87,7 +87,7 @@ def fit_result(objective, free, converged: bool, iterations: int, optimizer: str
     """The :class:`~covmodules.results.FitResult` of a run that ended at free-scale ``free``
     (every optimiser, here and in ``training``): the model is set to ``free``; a torch
     optimiser's run (``boundary`` ``None``) has its boundary parameters settled as AI-REML's
-    are (:func:`~covmodules.optim.settle_boundary`); a singular AI matrix is reported
+    are (:func:`~covmodules.scale.settle_boundary`); a singular AI matrix is reported
     (:attr:`FitResult.unidentified`), each with a warning."""
     state = objective.state(free) if state is None else state
     if boundary is None:
@@ -109,7 +109,7 @@ def fit_result(objective, free, converged: bool, iterations: int, optimizer: str
 
 def start_values(objective: REML, start=None) -> torch.Tensor:
     """Free-scale start of a fit: ``start`` as a dict of natural-scale values by name or a flat
-    free-scale tensor; by default the registered values, or :func:`~covmodules.optim.scale_start`
+    free-scale tensor; by default the registered values, or :func:`~covmodules.scale.scale_start`
     when they are all at their defaults."""
     model = objective.model
     if start is None:

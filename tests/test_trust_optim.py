@@ -13,7 +13,8 @@ import torch
 from covmodules import (AR1Matrix, Grouped, IdentityMatrix, KroneckerProduct, MixedModel,
                         ParamSpec, ScalarMatrix, SimpleMatrix, UnconstrainedMatrix, fit)
 from covmodules.design import fixed_design, random_design
-from covmodules.optim import AIREML, ParameterScale, unidentified_params
+from covmodules.optim import AIREML
+from covmodules.scale import ParameterScale, unidentified_params
 from covmodules.reml import REML
 from covmodules.transforms import Exp, ExpPow2, Identity, correlation
 
@@ -54,7 +55,7 @@ def test_unstructured_g_is_scale_equivariant(method, s):
 
 def test_start_values_follow_the_data_scale_for_loadings():
     """scale_start multiplies sd-like and loading parameters by √c, variances by c."""
-    from covmodules.optim import scale_start
+    from covmodules.scale import scale_start
     from covmodules import LowerTriangularMatrix
     g = torch.Generator().manual_seed(3)
     groups = torch.arange(60) // 3

@@ -227,7 +227,7 @@ class StructuredSolver(Solver):
         with torch.no_grad():
             free = None if free is None else free.detach()
             g = self.natural_gradient(self.model.build_params(free), state)
-            return g[self.model.free_param_index] * self.model.trans_grad(free)
+            return self.model.to_free(g, free)
 
 
 def additive_pieces(model) -> list[tuple[str | None, object, int]]:

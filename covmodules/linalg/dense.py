@@ -140,4 +140,4 @@ class DenseSolver(Solver):
     def gradient(self, free, state: DenseState) -> torch.Tensor:
         with torch.no_grad():
             g = self.model._vjp(self.model.build_params(free), cotangent_v(state))
-            return g[self.model.free_param_index] * self.model.trans_grad(free)
+            return self.model.to_free(g, free)

@@ -304,5 +304,5 @@ class GroupedSolver(StructuredSolver):
                     U[rows] = Py
                 else:
                     U[rows] = p.module._dv_matmul(part, Py[:, None])[..., 0]
-            U = U[model.free_param_index] * model.trans_grad(free)[:, None]
+            U = model.to_free(U, free)
             return 0.5 * state.project(U.T)
