@@ -138,6 +138,20 @@ class CovarianceModule(nn.Module, abc.ABC):
         J = self._jacobian(nat)
         return (J.transpose(1, 2) if transpose else J) @ W
 
+    # ---------------------------------------------------------------- capability views
+    # Solvers read a module's structure through these views, never through its class: a new
+    # structure that offers a view is used by every solver that reads it.
+    def diagonal_view(self):
+        """A :class:`~covmodules.capabilities.DiagonalView` when the matrix is diagonal for
+        every parameter value (``None`` by default)."""
+        return None
+
+    def repeated_block_view(self):
+        """A :class:`~covmodules.capabilities.RepeatedBlock` when the matrix is ``I_L ⊗ S``
+        for every parameter value, ``S`` parameterised by this module's parameters (``None``
+        by default)."""
+        return None
+
     def sign_reflections(self) -> dict[int, list[int]]:
         """Parameters whose sign may flip without changing the matrix: ``{i: [j, ...]}`` says
         that negating parameter ``i`` and the parameters ``j`` together leaves ``V`` unchanged
