@@ -1,4 +1,4 @@
-"""R reference fits shipped in tests/data (see tests/data/README.md) and their designs."""
+"""R reference fits shipped in tests/data (see tests/data/README.md), their designs and models."""
 
 from __future__ import annotations
 
@@ -9,6 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
+
+from covmodules import (AR1Matrix, CompoundSymmetricMatrix, Grouped, IdentityMatrix,
+                        KroneckerProduct, MixedModel, ScalarMatrix, UnconstrainedMatrix)
+from covmodules.design import fixed_design, random_design
 
 DATA = Path(__file__).parent / "data"
 TRANSFORMS = {"sin2pi": lambda x: np.sin(2 * np.pi * x),
@@ -68,3 +73,35 @@ def random_terms(spec: dict) -> list[tuple[list[str], list]]:
     return [(list(r["grouping"]), ["1" if t["kind"] == "intercept" else _term(t)
                                    for t in r["terms"]])
             for r in spec["random"]]
+
+
+def build(model_id: str):
+    """``(model, y, X, x_names, spec)`` of a reference model, its structures as lme4's /
+    nlme's (``spec``: :func:`load_oracle`'s)."""
+    df, spec = load_oracle(model_id)
+    terms, intercept = fixed_terms(spec)
+    design = fixed_design(df, terms, intercept=intercept, levels=spec["levels"])
+    y = torch.tensor(df[spec["response"]].to_numpy(), dtype=torch.float64)
+    n = len(df)
+    random = {}
+    for (group, term_list), ref in zip(random_terms(spec), spec["random"]):
+        rd = random_design(df, group, term_list, levels=spec["levels"].get(group[0]))
+        k = rd.num_terms
+        G = (KroneckerProduct(levels=IdentityMatrix(rd.num_levels), terms=UnconstrainedMatrix(k))
+             if k > 1 else ScalarMatrix(rd.num_levels))
+        random[term_name(ref)] = (rd, G)
+    res = spec["residual"]
+    if res["type"] == "iid":
+        residual = ScalarMatrix(n)
+    else:
+        groups = df[res["group"][0]].to_numpy()
+        size = int(df.groupby(res["group"][0], observed=True).size().max())
+        leaf = AR1Matrix(size) if res["type"] == "ar1" else CompoundSymmetricMatrix(size)
+        residual = Grouped(within=leaf, groups=groups)
+    model = MixedModel(random=random, residual=residual)
+    return model, y, design.matrix, design.names, spec
+
+
+def term_name(ref: dict) -> str:
+    """The model's name of a reference random term."""
+    return ref["label"].replace(".", "_")    # lme4's "Subject.1": '.' is not allowed in names

@@ -6,8 +6,7 @@ import torch
 from covmodules import (AR1Matrix, BlockDesignMatrix, CompoundSymmetricMatrix, DesignMatrix,
                         IdentityMatrix, KroneckerProduct, MixedModel, ScalarMatrix, Sum,
                         UnconstrainedMatrix)
-
-from helpers import check_gradients
+from covmodules.testing import check_gradients
 
 DT = torch.float64
 

@@ -10,8 +10,9 @@ import torch
 from covmodules import (AR1Matrix, Augment, BlockDiagonal, CovarianceModule,
                         CovariancePropagation, DesignMatrix, Gram, Grouped, HadamardProduct,
                         KroneckerProduct, Operator, ScalarMatrix, Sum, UnconstrainedMatrix)
+from covmodules.testing import check_gradients, random_points
 
-from helpers import DTYPE, check_gradients, random_points
+DTYPE = torch.float64
 
 gen = torch.Generator().manual_seed(123)
 

@@ -5,48 +5,16 @@ import warnings
 import pytest
 import torch
 
-from covmodules import (AR1Matrix, CompoundSymmetricMatrix, Grouped, IdentityMatrix,
-                        KroneckerProduct, MixedModel, ScalarMatrix, UnconstrainedMatrix, fit)
-from covmodules.design import fixed_design, random_design
+from covmodules import KroneckerProduct, fit
 
-from oracle import fixed_terms, load_oracle, random_terms
-
-
-def build(model_id):
-    """(model, y, X, names, extract) where extract(model) gives the R-comparable values."""
-    df, spec = load_oracle(model_id)
-    terms, intercept = fixed_terms(spec)
-    design = fixed_design(df, terms, intercept=intercept, levels=spec["levels"])
-    y = torch.tensor(df[spec["response"]].to_numpy(), dtype=torch.float64)
-    n = len(df)
-    random = {}
-    for (group, term_list), ref in zip(random_terms(spec), spec["random"]):
-        rd = random_design(df, group, term_list, levels=spec["levels"].get(group[0]))
-        k = rd.num_terms
-        G = (KroneckerProduct(levels=IdentityMatrix(rd.num_levels), terms=UnconstrainedMatrix(k))
-             if k > 1 else ScalarMatrix(rd.num_levels))
-        random[_term_name(ref)] = (rd, G)
-    res = spec["residual"]
-    if res["type"] == "iid":
-        residual = ScalarMatrix(n)
-    else:
-        groups = df[res["group"][0]].to_numpy()
-        size = int(df.groupby(res["group"][0], observed=True).size().max())
-        leaf = AR1Matrix(size) if res["type"] == "ar1" else CompoundSymmetricMatrix(size)
-        residual = Grouped(within=leaf, groups=groups)
-    model = MixedModel(random=random, residual=residual)
-    return model, y, design.matrix, design.names, spec
-
-
-def _term_name(ref):
-    return ref["label"].replace(".", "_")    # lme4's "Subject.1": '.' is not allowed in names
+from oracle import build, term_name
 
 
 def r_comparable(model, spec):
     """Variance components on R's natural scale, keyed like reference.json."""
     out = {}
     for ref in spec["random"]:
-        G = model._modules[_term_name(ref)]
+        G = model._modules[term_name(ref)]
         cov = (G.terms.covariance() if isinstance(G, KroneckerProduct)
                else torch.tensor([[G.get_param("sigma^2")]], dtype=torch.float64))
         out[ref["label"]] = (cov, torch.tensor(ref["cov"], dtype=torch.float64))

@@ -24,7 +24,7 @@ from covmodules.linalg.woodbury import root
 from covmodules.reml import REML
 from covmodules.results import FitResult
 
-from test_oracle import build
+from oracle import build
 
 DTYPE = torch.float64
 RTOL = 1e-8

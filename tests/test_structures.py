@@ -1,4 +1,4 @@
-"""Leaf structures: gradients (tests/helpers.py), values against dense formulas, errors."""
+"""Leaf structures: gradients (covmodules.testing), values against dense formulas, errors."""
 
 import math
 
@@ -12,8 +12,10 @@ from covmodules import (AR1Matrix, CAR1Matrix, CompoundSymmetricMatrix, DesignMa
                         FactorAnalyticMatrix, FixedMatrix, IdentityMatrix, KnownMatrix,
                         LowerTriangularMatrix, ScalarMatrix, SimpleMatrix, ToeplitzMatrix,
                         UnconstrainedMatrix)
+from covmodules.testing import check_gradients, random_points
 from covmodules.transforms import ExpPow2, Identity
-from helpers import DTYPE, check_gradients, random_points
+
+DTYPE = torch.float64
 
 
 def spd(n, seed=0):

@@ -1,0 +1,103 @@
+"""The gradient contract every covariance module keeps, as checks a new structure can run.
+
+A structure's closed-form derivatives (``_jacobian``, ``_vjp``, ``_dv_matmul``) are what the
+solvers and the backward pass use; :func:`check_gradients` compares them with automatic
+differentiation of ``_evaluate`` at random points, the way the package's own tests check
+every structure and operator (as ``gpytorch.test`` ships GPyTorch's):
+
+- ``manual_grad`` equals ``auto_grad`` (names, shape, values), and is finite;
+- ``dV(w)`` equals ``J @ w`` for a vector and a matrix ``w``;
+- ``_dv_matmul(..., transpose=True)`` equals ``Jᵀ @ W`` and ``_vjp(G)`` equals
+  ``[<G, dV/dθ_k>]_k``;
+- ``torch.autograd.gradcheck`` passes through the module's forward (its closed-form backward).
+
+Example: a new structure ``σ² diag(1, 2, ..., n)`` passes; one whose Jacobian is wrong fails::
+
+    >>> import torch
+    >>> from covmodules import Structure
+    >>> from covmodules.transforms import ExpPow2
+    >>> from covmodules.testing import check_gradients
+    >>> class Ramp(Structure):
+    ...     def __init__(self, n):
+    ...         super().__init__()
+    ...         self.n = n
+    ...         self.add_param("sigma^2", 0.0, ExpPow2())
+    ...     shape = property(lambda self: (self.n, self.n))
+    ...     def _evaluate(self, nat):
+    ...         return nat[0] * torch.diag(torch.arange(1, self.n + 1, dtype=nat.dtype))
+    ...     def _jacobian(self, nat):
+    ...         return torch.diag(torch.arange(1, self.n + 1, dtype=nat.dtype))[None]
+    >>> check_gradients(Ramp(3))
+    >>> class Wrong(Ramp):
+    ...     def _jacobian(self, nat):
+    ...         return 2 * super()._jacobian(nat)
+    >>> check_gradients(Wrong(3))    # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    AssertionError: manual_grad differs from auto_grad at point 0: ...
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import CovarianceModule
+
+__all__ = ["check_gradients", "random_points"]
+
+DTYPE = torch.float64
+TOL = 1e-10         # float64 closed form against autograd: rounding only
+
+
+def random_points(module: CovarianceModule, count: int = 20, seed: int = 0,
+                  scale: float = 1.0) -> list[torch.Tensor]:
+    """``count`` free-scale parameter vectors of ``module``, standard normal times ``scale``."""
+    g = torch.Generator().manual_seed(seed)
+    return [scale * torch.randn(module.num_free_params, generator=g, dtype=DTYPE)
+            for _ in range(count)]
+
+
+def check_gradients(module: CovarianceModule, points=None, gradcheck: bool = True) -> None:
+    """Check ``module``'s closed-form derivatives (see the module docstring) at its defaults
+    and at ``points`` (default :func:`random_points`); ``gradcheck`` also runs
+    ``torch.autograd.gradcheck`` at the first three. Raises ``AssertionError`` naming the
+    check and the point that fails."""
+    points = random_points(module) if points is None else points
+    points = [module.free_param_defaults] + list(points)
+    rows, cols = module.shape
+    g = torch.Generator().manual_seed(1)
+    for i, p in enumerate(points):
+        J, names = module.manual_grad(p)
+        Ja, names_a = module.auto_grad(p)
+        _require(names == names_a == module.free_param_names,
+                 f"manual_grad names {names} and auto_grad names {names_a} are not "
+                 f"free_param_names {module.free_param_names}")
+        _require(J.shape == (module.num_free_params, rows, cols),
+                 f"manual_grad has shape {tuple(J.shape)}, expected "
+                 f"{(module.num_free_params, rows, cols)}")
+        _require(bool(torch.isfinite(J).all()), f"manual_grad is not finite at point {i}")
+        nat = module.build_params(p)
+        full_J = module._jacobian(nat)
+        w = torch.randn(cols, generator=g, dtype=DTYPE)
+        W = torch.randn(cols, 3, generator=g, dtype=DTYPE)
+        Wt = torch.randn(rows, 2, generator=g, dtype=DTYPE)
+        G = torch.randn(rows, cols, generator=g, dtype=DTYPE)
+        for what, got, expected in (
+                ("manual_grad differs from auto_grad", J, Ja),
+                ("dV(w) differs from J @ w", module.dV(w, p), J @ w),
+                ("dV(W) differs from J @ W", module.dV(W, p), J @ W),
+                ("_dv_matmul(transpose=True) differs from Jᵀ @ W",
+                 module._dv_matmul(nat, Wt, transpose=True), full_J.transpose(1, 2) @ Wt),
+                ("_vjp differs from the Jacobian's contraction", module._vjp(nat, G),
+                 torch.einsum("kij,ij->k", full_J, G))):
+            torch.testing.assert_close(got, expected, rtol=TOL, atol=TOL,
+                                       msg=lambda m, what=what: f"{what} at point {i}: {m}")
+    if gradcheck:
+        for p in points[:3]:
+            x = p.clone().requires_grad_(True)
+            torch.autograd.gradcheck(lambda f: module(f), (x,), eps=1e-6, atol=1e-6)
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise AssertionError(message)
