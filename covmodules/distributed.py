@@ -42,17 +42,16 @@ Example (two batches of whole subjects in one process equal the unsharded fit)::
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.autograd.function import once_differentiable
 
 from .base import CovarianceModule
 from .checks import Checks, prepare
 from .linalg import NotPositiveDefiniteError, select_solver
-from .linalg.base import GLSState, StructuredSolver
+from .linalg.base import GLSState, NegLogLik
+from .linalg.statistics import GLSStatistics
 
 __all__ = ["ShardedREML", "ShardedState", "world_size"]
 
@@ -94,8 +93,8 @@ class ShardedREML:
             at them.
         x_names: names of the columns of ``X``.
         method: ``"reml"`` or ``"ml"``.
-        solver: likelihood solver name for every shard (default: chosen from the structure;
-            it must be a structured solver, e.g. ``"grouped"``).
+        solver: likelihood solver name for every shard (default: chosen from each shard's
+            structure; the dense one factors any shard).
         checks: the design checks (:class:`~covmodules.checks.Checks`, default all), run on
             the whole data: the shards' data are validated as :class:`~covmodules.reml.REML`
             validates one data set (:func:`covmodules.checks.prepare`), and aliased columns of
@@ -120,11 +119,7 @@ class ShardedREML:
             if model.free_param_names != self.models[0].free_param_names:
                 raise ValueError(f"shard {i}'s model has parameters {model.free_param_names}, "
                                  f"shard 0's {self.models[0].free_param_names}")
-            chosen = select_solver(model, solver)
-            if not isinstance(chosen, StructuredSolver):
-                raise ValueError(f"shard {i}: sharded REML needs a structured solver (grouped, "
-                                 f"woodbury, kronecker), got {chosen.name!r}")
-            self.solvers.append(chosen)
+            self.solvers.append(select_solver(model, solver))
         self.solver = self.solvers[0]
 
     @property
@@ -142,43 +137,28 @@ class ShardedREML:
         with torch.no_grad():
             free = self.model._resolve_free(free_params)
             nat = self.model.build_params(free)
-            p = self.p
-            # the last entry counts shards whose V is not positive definite: every process
-            # learns it from the same all-reduce, so none raises while others wait in it
+            # the failures are counted in the same all-reduce as the statistics: every
+            # process learns them there, so none raises while others wait in it
             factors, whitened = [], []
-            local = torch.zeros(p * p + p + 3, dtype=nat.dtype, device=self.ys[0].device)
+            local, failed = GLSStatistics.zeros(self.p, nat.dtype, self.ys[0].device), 0
             for solver, y, X in zip(self.solvers, self.ys, self.Xs):
                 try:
                     f = solver.factorize(nat)
                 except NotPositiveDefiniteError:
-                    local[-1] += 1
+                    failed += 1
                     continue
                 Xw, yw = f.whiten(X.to(nat)), f.whiten(y.to(nat)[:, None])[:, 0]
-                local[:-1] += torch.cat([f.inner(Xw, Xw).reshape(-1),
-                                         f.inner(Xw, yw[:, None])[:, 0],
-                                         f.inner(yw[:, None], yw[:, None]).reshape(1),
-                                         torch.as_tensor(f.logdet, dtype=nat.dtype,
-                                                         device=local.device).reshape(1)])
+                local = local + GLSStatistics.of_whitened(f, Xw, yw, y.shape[0])
                 factors.append(f)
                 whitened.append((Xw, yw))
-            total = _all_reduce(local)
-            if float(total[-1]) > 0:
+            total, failed = local.all_reduce(torch.tensor(float(failed), dtype=nat.dtype,
+                                                          device=nat.device))
+            if float(failed) > 0:
                 raise NotPositiveDefiniteError(
-                    f"V is not positive definite on {int(total[-1])} shard(s) at these "
+                    f"V is not positive definite on {int(failed)} shard(s) at these "
                     "parameters; try other start values, e.g. larger variances")
-            A = total[:p * p].reshape(p, p)
-            b, c, logdet = total[p * p:p * p + p], total[-3], total[-2]
-            LA, info = torch.linalg.cholesky_ex(0.5 * (A + A.T))
-            if int(info) != 0:
-                raise NotPositiveDefiniteError("XᵀV⁻¹X is not positive definite: X is rank "
-                                               "deficient")
-            beta = torch.cholesky_solve(b[:, None], LA)[:, 0]
-            quad = c - b @ beta
-            if self.method == "reml":
-                neg = 0.5 * (logdet + 2 * torch.log(LA.diagonal()).sum() + quad) \
-                    + 0.5 * (self.n - p) * math.log(2 * math.pi)
-            else:
-                neg = 0.5 * (logdet + quad) + 0.5 * self.n * math.log(2 * math.pi)
+            est = total.finish(self.method)
+            LA, beta, neg = est.LA, est.beta, est.neg_loglik
             shards = []
             for f, (Xw, yw) in zip(factors, whitened):
                 rw = yw - Xw @ beta
@@ -224,25 +204,10 @@ class ShardedREML:
         Backward returns ``world_size ×`` this process's share of the gradient, so that DDP's
         gradient averaging gives every process the exact full-data gradient.
         """
-        return ShardedNegLogLik.apply(self.model._differentiable_free(free_params), self)
+        free = self.model._differentiable_free(free_params)
+        none = free.new_zeros(0)
+        return NegLogLik.apply(free, none, none, self.state,
+                               lambda f, s: world_size() * self.local_gradient(f, s))
 
     def loglik(self, free_params=None) -> float:
         return -float(self.state(free_params).neg_loglik)
-
-
-class ShardedNegLogLik(torch.autograd.Function):
-    """``-l`` over all shards; backward: ``world_size ×`` the local share of the gradient."""
-
-    @staticmethod
-    def forward(ctx, free, objective: ShardedREML):
-        state = objective.state(free.detach())
-        ctx.objective, ctx.state = objective, state
-        ctx.save_for_backward(free)
-        return state.neg_loglik.clone()
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        (free,) = ctx.saved_tensors
-        share = ctx.objective.local_gradient(free.detach(), ctx.state)
-        return (world_size() * share * grad).to(free.dtype), None

@@ -16,10 +16,12 @@ devices or processes add up to those of all the data.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torchmetrics import Metric
+
+from covmodules.design import independent_columns
+from covmodules.linalg.dense import DenseFactor
+from covmodules.linalg.statistics import GLSStatistics
 
 __all__ = ["REMLStatistics"]
 
@@ -28,9 +30,11 @@ class REMLStatistics(Metric):
     """REML (or ML) log-likelihood, on R's scale, of all the groups seen by :meth:`update`.
 
     ``update(V, y, X)`` takes one batch of whole groups: its covariance ``V`` (n_i × n_i),
-    response and fixed-effects design. ``compute()`` returns the log-likelihood with the GLS
-    estimate of the fixed effects from all batches; columns of ``X`` aliased in the pooled
-    ``A`` (e.g. levels absent from the data) are left out, as the REML engine does.
+    response and fixed-effects design, and adds its
+    :class:`~covmodules.linalg.statistics.GLSStatistics`. ``compute()`` finishes their sum:
+    the log-likelihood with the GLS estimate of the fixed effects from all batches; columns of
+    ``X`` aliased in the pooled ``A`` (e.g. levels absent from the data) are left out, as the
+    REML engine does (:func:`covmodules.design.independent_columns`).
 
     Example::
 
@@ -63,41 +67,19 @@ class REMLStatistics(Metric):
 
     def update(self, V: torch.Tensor, y: torch.Tensor, X: torch.Tensor) -> None:
         V, y, X = (t.detach().to(torch.float64) for t in (V, y, X))
-        L = torch.linalg.cholesky(V)
-        Xs = torch.linalg.solve_triangular(L, X, upper=False)
-        ys = torch.linalg.solve_triangular(L, y[:, None], upper=False)[:, 0]
-        if self.A.shape != (X.shape[1], X.shape[1]):
+        stats = GLSStatistics.of(DenseFactor(V), y, X)
+        if self.A.shape != stats.A.shape:
             if self.A.numel():
                 raise ValueError(f"X has {X.shape[1]} columns; earlier batches had "
                                  f"{self.A.shape[0]}")
-            self.A, self.b = X.new_zeros(X.shape[1], X.shape[1]), X.new_zeros(X.shape[1])
-        self.logdet += 2 * torch.log(L.diagonal()).sum()
-        self.A += Xs.T @ Xs
-        self.b += Xs.T @ ys
-        self.c += ys @ ys
-        self.n += y.shape[0]
+            self.A, self.b = torch.zeros_like(stats.A), torch.zeros_like(stats.b)
+        self.logdet += stats.logdet
+        self.A += stats.A
+        self.b += stats.b
+        self.c += stats.c
+        self.n += stats.n
 
     def compute(self) -> torch.Tensor:
-        keep = _independent(self.A)
-        A, b = self.A[keep][:, keep], self.b[keep]
-        LA = torch.linalg.cholesky(A)
-        quad = self.c - (torch.linalg.solve_triangular(LA, b[:, None], upper=False) ** 2).sum()
-        p = len(keep)
-        if self.method == "reml":
-            core = self.logdet + 2 * torch.log(LA.diagonal()).sum() + quad
-            return -0.5 * core - 0.5 * (self.n - p) * math.log(2 * math.pi)
-        return -0.5 * (self.logdet + quad) - 0.5 * self.n * math.log(2 * math.pi)
-
-
-def _independent(A: torch.Tensor, tol: float = 1e-7) -> list[int]:
-    """Columns of ``A = XᵀV⁻¹X`` not aliased with earlier ones (pivoted Cholesky in order)."""
-    keep: list[int] = []
-    L = A.new_zeros(A.shape)
-    for j in range(A.shape[0]):
-        r = L[j, keep]
-        d = float(A[j, j] - r @ r)
-        if A[j, j] > 0 and d > tol ** 2 * float(A[j, j]):
-            L[j, j] = d ** 0.5
-            L[j + 1:, j] = (A[j + 1:, j] - L[j + 1:, keep] @ r) / L[j, j]
-            keep.append(j)
-    return keep
+        keep = independent_columns(self.A)
+        total = GLSStatistics(self.logdet, self.A[keep][:, keep], self.b[keep], self.c, self.n)
+        return -total.finish(self.method).neg_loglik

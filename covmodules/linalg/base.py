@@ -22,18 +22,15 @@ supplies the factor and the contraction of the cotangent
 from __future__ import annotations
 
 import abc
-import math
 from dataclasses import dataclass
 
 import torch
 from torch.autograd.function import once_differentiable
 
+from .statistics import GLSStatistics, NotPositiveDefiniteError
+
 __all__ = ["NotPositiveDefiniteError", "UnsupportedStructure", "Solver", "Factor", "GLSState",
-           "gls", "StructuredSolver", "additive_pieces"]
-
-
-class NotPositiveDefiniteError(ValueError):
-    """``V`` (or ``XᵀV⁻¹X``) is not positive definite at the given parameters."""
+           "gls", "NegLogLik", "StructuredSolver", "additive_pieces"]
 
 
 class UnsupportedStructure(ValueError):
@@ -47,11 +44,6 @@ class Solver(abc.ABC):
 
     def __init__(self, model):
         self.model = model
-
-    @classmethod
-    @abc.abstractmethod
-    def supports(cls, model) -> bool:
-        """Whether this solver applies to ``model``'s structure."""
 
     @abc.abstractmethod
     def loss(self, free_params, y, X, method) -> torch.Tensor:
@@ -133,23 +125,19 @@ class GLSState:
 
 
 def gls(factor: Factor, y: torch.Tensor, X: torch.Tensor, method: str) -> GLSState:
-    """GLS estimate and ``-l`` (R's scale) from a factorisation of ``V``."""
-    n, p = X.shape
+    """GLS estimate and ``-l`` (R's scale) from a factorisation of ``V``: the statistics of
+    :mod:`~covmodules.linalg.statistics`, finished with the residuals' own quadratic form."""
     Xw, yw = factor.whiten(X), factor.whiten(y[:, None])[:, 0]
-    A = factor.inner(Xw, Xw)
-    LA, info = torch.linalg.cholesky_ex(0.5 * (A + A.T))
-    if int(info) != 0:
-        raise NotPositiveDefiniteError("XᵀV⁻¹X is not positive definite: X is rank deficient")
-    beta = torch.cholesky_solve(factor.inner(Xw, yw[:, None]), LA)[:, 0]
-    rw = yw - Xw @ beta
-    quad = factor.inner(rw[:, None], rw[:, None])[0, 0]
+    residual = {}
+
+    def quadratic(beta):
+        residual["rw"] = rw = yw - Xw @ beta
+        return factor.inner(rw[:, None], rw[:, None])[0, 0]
+
+    est = GLSStatistics.of_whitened(factor, Xw, yw, y.shape[0]).finish(method, quadratic)
+    rw = residual["rw"]
     Py = factor.unwhiten(rw[:, None])[:, 0]
-    if method == "reml":
-        logdet_a = 2 * torch.log(LA.diagonal()).sum()
-        neg = 0.5 * (factor.logdet + logdet_a + quad) + 0.5 * (n - p) * math.log(2 * math.pi)
-    else:
-        neg = 0.5 * (factor.logdet + quad) + 0.5 * n * math.log(2 * math.pi)
-    return GLSState(factor, Xw, LA, beta, rw, Py, neg, method)
+    return GLSState(factor, Xw, est.LA, est.beta, rw, Py, est.neg_loglik, method)
 
 
 def data_cotangents(state, grad, need_y: bool, need_X: bool):
@@ -165,18 +153,20 @@ def data_cotangents(state, grad, need_y: bool, need_X: bool):
     return gy, gX
 
 
-class StructuredNegLogLik(torch.autograd.Function):
-    """``-l(θ, y, X)`` through a structured solver; backward in closed form.
+class NegLogLik(torch.autograd.Function):
+    """``-l`` from a state computed without autograd, with a closed-form backward.
 
-    The cotangents are ``∂(-l)/∂θ`` (the solver's :meth:`StructuredSolver.gradient`),
-    ``∂(-l)/∂y = P y`` and ``∂(-l)/∂X = -P y b̂ᵀ + V⁻¹X (XᵀV⁻¹X)⁻¹`` (REML; ML without the
-    second term).
+    ``apply(free, y, X, state_fn, gradient_fn)``: the forward pass is ``state_fn(free)``'s
+    ``neg_loglik``; the backward pass gives ``θ`` the cotangent ``gradient_fn(free, state)``
+    (a solver's :meth:`~StructuredSolver.gradient`; for sharded data, this process's share)
+    and ``y``, ``X`` theirs, ``P y`` and ``-P y b̂ᵀ + V⁻¹X (XᵀV⁻¹X)⁻¹`` (REML; ML without the
+    second term), when they require gradients.
     """
 
     @staticmethod
-    def forward(ctx, free, y, X, solver, method):
-        state = solver.state(free.detach(), y, X, method)
-        ctx.solver, ctx.state = solver, state
+    def forward(ctx, free, y, X, state_fn, gradient_fn):
+        state = state_fn(free.detach())
+        ctx.state, ctx.gradient_fn = state, gradient_fn
         ctx.save_for_backward(free)
         return state.neg_loglik.clone()
 
@@ -186,7 +176,7 @@ class StructuredNegLogLik(torch.autograd.Function):
         (free,) = ctx.saved_tensors
         g_free = None
         if ctx.needs_input_grad[0]:
-            g_free = ctx.solver.gradient(free, ctx.state) * grad
+            g_free = (ctx.gradient_fn(free.detach(), ctx.state) * grad).to(free.dtype)
         gy, gX = data_cotangents(ctx.state, grad, *ctx.needs_input_grad[1:3])
         return g_free, gy, gX, None, None
 
@@ -198,14 +188,6 @@ class StructuredSolver(Solver):
     :meth:`natural_gradient` (``[⟨½(P - Py Pyᵀ), ∂V/∂θ_k⟩]_k`` over all parameters).
     """
 
-    @classmethod
-    def supports(cls, model) -> bool:
-        try:
-            cls(model)
-        except UnsupportedStructure:
-            return False
-        return True
-
     @abc.abstractmethod
     def factorize(self, nat: torch.Tensor) -> Factor:
         """The factorisation of ``V`` at natural-scale parameters ``nat`` (all, flat order)."""
@@ -216,7 +198,8 @@ class StructuredSolver(Solver):
 
     def loss(self, free_params, y, X, method):
         free = self.model._differentiable_free(free_params)
-        return StructuredNegLogLik.apply(free, y.to(free.dtype), X.to(free.dtype), self, method)
+        y, X = y.to(free.dtype), X.to(free.dtype)
+        return NegLogLik.apply(free, y, X, lambda f: self.state(f, y, X, method), self.gradient)
 
     def state(self, free, y, X, method) -> GLSState:
         with torch.no_grad():

@@ -1,52 +1,26 @@
 r"""The dense Cholesky solver: the reference every structured solver must match.
 
-Factorises the full ``V`` (``n³/3``); the backward pass of the loss returns the closed-form
-cotangent ``∂(-l)/∂V = ½(P - Py (Py)ᵀ)`` (``V⁻¹`` in place of ``P`` for ML), which the
-covariance module contracts in closed form, plus the cotangents of ``y`` and ``X``.
+Factorises the full ``V = L Lᵀ`` (``n³/3``) as one more :class:`~.base.Factor`
+(:class:`DenseFactor`: ``F = L⁻¹``), so the likelihood, the AI matrix and the sums over shards
+are those of every solver. The gradient contracts the cotangent
+``∂(-l)/∂V = ½(P - Py (Py)ᵀ)`` (``V⁻¹`` in place of ``P`` for ML, :func:`cotangent_v`) with
+the covariance module in closed form. :class:`NegLogLikFunction` keeps the route where ``V``
+itself carries an autograd graph (a network that produces ``V``).
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import torch
 from torch.autograd.function import once_differentiable
 
-from .base import NotPositiveDefiniteError, Solver, data_cotangents
+from .base import Factor, GLSState, NotPositiveDefiniteError, StructuredSolver, \
+    data_cotangents, gls
 
-__all__ = ["DenseSolver", "DenseState", "cholesky", "factorize", "cotangent_v", "NegLogLikFunction"]
+__all__ = ["DenseSolver", "DenseFactor", "cholesky", "factorize", "cotangent_v",
+           "NegLogLikFunction"]
 
-
-@dataclass
-class DenseState:
-    """Factorisation and estimates at one parameter value (dense path)."""
-
-    L: torch.Tensor          # Cholesky factor of V
-    LA: torch.Tensor         # Cholesky factor of A = XᵀV⁻¹X (p x p)
-    Xs: torch.Tensor         # L⁻¹X
-    beta: torch.Tensor       # GLS estimate
-    Py: torch.Tensor         # V⁻¹(y - X b̂) = P y
-    neg_loglik: torch.Tensor
-    method: str
-
-    def solve_x(self) -> torch.Tensor:
-        """``V⁻¹ X``."""
-        return torch.linalg.solve_triangular(self.L.T, self.Xs, upper=True)
-
-    def project(self, U: torch.Tensor) -> torch.Tensor:
-        """``Uᵀ P U`` for ``U`` of shape ``(n, k)`` (``Uᵀ V⁻¹ U`` for ML) in ``O(n² k)``."""
-        Us = torch.linalg.solve_triangular(self.L, U, upper=False)
-        out = Us.T @ Us
-        if self.method == "reml":
-            C = torch.linalg.solve_triangular(self.LA, self.Xs.T @ Us, upper=False)
-            out = out - C.T @ C
-        return out
-
-    @property
-    def cov_beta(self) -> torch.Tensor:
-        """``(XᵀV⁻¹X)⁻¹``."""
-        return torch.cholesky_inverse(self.LA)
+NOT_PD = ("V is not positive definite at these parameters (or singular up to rounding); try "
+          "other start values, e.g. larger variances or smaller correlations")
 
 
 def cholesky(V: torch.Tensor, message: str) -> torch.Tensor:
@@ -68,27 +42,32 @@ def cholesky(V: torch.Tensor, message: str) -> torch.Tensor:
     return L
 
 
-def factorize(V, y, X, method: str = "reml") -> DenseState:
+class DenseFactor(Factor):
+    """``V = L Lᵀ`` by Cholesky: whitening ``F = L⁻¹`` (``J = I``), ``log|V| = 2 Σ log L_ii``.
+
+    >>> f = DenseFactor(torch.tensor([[4.0, 2.0], [2.0, 5.0]], dtype=torch.float64))
+    >>> round(float(f.logdet), 6), f.unwhiten(f.whiten(torch.eye(2, dtype=torch.float64)))[0]
+    (2.772589, tensor([ 0.3125, -0.1250], dtype=torch.float64))
+    """
+
+    def __init__(self, V: torch.Tensor):
+        self.L = cholesky(V, NOT_PD)
+        self.logdet = 2 * torch.log(self.L.diagonal()).sum()
+
+    def whiten(self, B):
+        return torch.linalg.solve_triangular(self.L, B, upper=False)
+
+    def unwhiten(self, W):
+        return torch.linalg.solve_triangular(self.L.T, W, upper=True)
+
+    def inverse(self) -> torch.Tensor:
+        """``V⁻¹``."""
+        return torch.cholesky_inverse(self.L)
+
+
+def factorize(V, y, X, method: str = "reml") -> GLSState:
     """Cholesky of ``V``, GLS estimate and ``-l`` (R's scale) without autograd."""
-    n, p = X.shape
-    L = cholesky(V, "V is not positive definite at these parameters (or singular up to "
-                    "rounding); try other start values, e.g. larger variances or smaller "
-                    "correlations")
-    Xs = torch.linalg.solve_triangular(L, X, upper=False)
-    ys = torch.linalg.solve_triangular(L, y[:, None], upper=False)[:, 0]
-    LA, info = torch.linalg.cholesky_ex(Xs.T @ Xs)
-    if int(info) != 0:
-        raise NotPositiveDefiniteError("XᵀV⁻¹X is not positive definite: X is rank deficient")
-    beta = torch.cholesky_solve((Xs.T @ ys)[:, None], LA)[:, 0]
-    rs = ys - Xs @ beta
-    Py = torch.linalg.solve_triangular(L.T, rs[:, None], upper=True)[:, 0]
-    logdet_v = 2 * torch.log(L.diagonal()).sum()
-    if method == "reml":
-        logdet_a = 2 * torch.log(LA.diagonal()).sum()
-        neg = 0.5 * (logdet_v + logdet_a + rs @ rs) + 0.5 * (n - p) * math.log(2 * math.pi)
-    else:
-        neg = 0.5 * (logdet_v + rs @ rs) + 0.5 * n * math.log(2 * math.pi)
-    return DenseState(L, LA, Xs, beta, Py, neg, method)
+    return gls(DenseFactor(V), y, X, method)
 
 
 class NegLogLikFunction(torch.autograd.Function):
@@ -108,9 +87,10 @@ class NegLogLikFunction(torch.autograd.Function):
         return gV, gy, gX, None
 
 
-def cotangent_v(s: DenseState) -> torch.Tensor:
-    """``∂(-l)/∂V = ½(P - Py (Py)ᵀ)`` (``V⁻¹`` in place of ``P`` for ML), in ``O(n³)``."""
-    G = torch.cholesky_inverse(s.L)
+def cotangent_v(s: GLSState) -> torch.Tensor:
+    """``∂(-l)/∂V = ½(P - Py (Py)ᵀ)`` (``V⁻¹`` in place of ``P`` for ML), in ``O(n³)``, from a
+    state of :class:`DenseFactor`."""
+    G = s.factor.inverse()
     if s.method == "reml":
         C = torch.linalg.solve_triangular(s.LA, s.solve_x().T, upper=False)
         G -= C.T @ C
@@ -119,25 +99,13 @@ def cotangent_v(s: DenseState) -> torch.Tensor:
     return G
 
 
-class DenseSolver(Solver):
+class DenseSolver(StructuredSolver):
     """Cholesky of the full ``V``; works for every covariance module."""
 
     name = "dense"
 
-    @classmethod
-    def supports(cls, model) -> bool:
-        return True
+    def factorize(self, nat):
+        return DenseFactor(self.model._evaluate(nat))
 
-    def loss(self, free_params, y, X, method):
-        V = self.model(free_params)
-        return NegLogLikFunction.apply(V, y.to(V.dtype), X.to(V.dtype), method)
-
-    def state(self, free, y, X, method) -> DenseState:
-        with torch.no_grad():
-            V = self.model(free)
-            return factorize(V, y.to(V.dtype), X.to(V.dtype), method)
-
-    def gradient(self, free, state: DenseState) -> torch.Tensor:
-        with torch.no_grad():
-            g = self.model._vjp(self.model.build_params(free), cotangent_v(state))
-            return self.model.to_free(g, free)
+    def natural_gradient(self, nat, state: GLSState) -> torch.Tensor:
+        return self.model._vjp(nat, cotangent_v(state))
