@@ -152,6 +152,11 @@ class CovarianceModule(nn.Module, abc.ABC):
         by default)."""
         return None
 
+    def kronecker_view(self):
+        """A :class:`~covmodules.capabilities.KroneckerView` when the matrix is ``A ⊗ B + s I``
+        with square factors for every parameter value (``None`` by default)."""
+        return None
+
     def sign_reflections(self) -> dict[int, list[int]]:
         """Parameters whose sign may flip without changing the matrix: ``{i: [j, ...]}`` says
         that negating parameter ``i`` and the parameters ``j`` together leaves ``V`` unchanged

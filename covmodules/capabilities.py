@@ -1,8 +1,19 @@
 """Capability views: what a solver needs to know of a module's structure, without its class.
 
-A module offers a view through :meth:`CovarianceModule.diagonal_view` or
-:meth:`CovarianceModule.repeated_block_view` (``None``: it does not have that structure);
-solvers read only these, so a new structure that offers a view needs no edit of any solver.
+A module offers a view through :meth:`CovarianceModule.diagonal_view`,
+:meth:`CovarianceModule.repeated_block_view` or :meth:`CovarianceModule.kronecker_view`
+(``None``: it does not have that structure); solvers read only these, so a new structure that
+offers a view needs no edit of any solver. Every view works on the natural-scale parameters
+``nat`` (all, flat order) of the module that offers it.
+
+Example (a diagonal residual, as the Woodbury and grouped solvers read it)::
+
+    >>> import torch
+    >>> from covmodules import ScalarMatrix
+    >>> view = ScalarMatrix(3).diagonal_view()
+    >>> nat = torch.tensor([2.0], dtype=torch.float64)
+    >>> view.constant, view.values(nat).tolist(), view.trace_vjp(nat, torch.tensor(6.0), 3)
+    (True, [2.0, 2.0, 2.0], tensor([6.]))
 """
 
 from __future__ import annotations
@@ -12,7 +23,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["DiagonalView", "RepeatedBlock"]
+__all__ = ["DiagonalView", "RepeatedBlock", "KroneckerView", "is_identity"]
 
 
 @dataclass(frozen=True)
@@ -20,15 +31,20 @@ class DiagonalView:
     """A diagonal matrix ``diag(values(nat))``.
 
     Args:
-        values: natural-scale parameters (all, flat order) → the ``(n,)`` diagonal.
+        values: ``nat`` → the ``(n,)`` diagonal.
         vjp: ``(nat, d)`` → ``[Σ_i d_i ∂V_ii/∂θ_k]_k`` over all parameters, for a cotangent
             whose diagonal is ``d``.
-        constant: the diagonal is one value repeated (``σ² I`` or ``I``).
+        constant: the diagonal is one value repeated, ``V = v(θ) I`` (``σ² I`` or ``I``), so
+            ``⟨Ḡ, ∂V/∂θ_k⟩ = v'_k tr Ḡ`` depends on ``Ḡ`` only through its trace.
     """
 
     values: Callable[[torch.Tensor], torch.Tensor]
     vjp: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     constant: bool = False
+
+    def trace_vjp(self, nat: torch.Tensor, trace: torch.Tensor, n: int) -> torch.Tensor:
+        """:attr:`vjp` of a constant diagonal from ``tr Ḡ`` alone (``d = tr Ḡ / n``, repeated)."""
+        return self.vjp(nat, (trace / n).expand(n))
 
 
 @dataclass(frozen=True)
@@ -38,3 +54,30 @@ class RepeatedBlock:
 
     count: int
     block: object
+
+
+@dataclass(frozen=True)
+class KroneckerView:
+    r"""``V = A ⊗ B + s I`` with square ``A`` (``m x m``) and ``B`` (``n x n``); ``s = 0``
+    without a nugget.
+
+    Args:
+        sizes: ``(m, n)``.
+        values: ``nat`` → ``(A, B, s)``.
+        vjp: ``(nat, Ā, B̄, t)`` → ``[⟨Ā, ∂A/∂θ_k⟩ + ⟨B̄, ∂B/∂θ_k⟩ + t ∂s/∂θ_k]_k`` over all
+            parameters. For a cotangent ``Ḡ`` of ``V``, ``Ā = Σ_{jl} Ḡ_{(i,j),(k,l)} B_{jl}``
+            and ``B̄`` alike (what :class:`~covmodules.KroneckerProduct` hands its operands) and
+            ``t = tr Ḡ``.
+    """
+
+    sizes: tuple[int, int]
+    values: Callable[[torch.Tensor], tuple]
+    vjp: Callable[..., torch.Tensor]
+
+
+def is_identity(module) -> bool:
+    """Whether ``module`` is the identity: no parameters and a constant diagonal of ones."""
+    view = module.diagonal_view()
+    if module.num_params or view is None or not view.constant:
+        return False
+    return float(view.values(torch.zeros(0, dtype=torch.float64))[0]) == 1.0

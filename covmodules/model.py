@@ -128,6 +128,10 @@ class MixedModel(Operator):
         *parts, _ = self._split(nat)
         return zip(self.term_names, self.operand_modules[:-1], parts)
 
+    def kronecker_view(self):
+        """The residual's Kronecker view when there are no random terms (``V = R``)."""
+        return None if self.term_names else self._modules["residual"].kronecker_view()
+
     def _evaluate(self, nat):
         *Gs, R = self._operand_values(nat)
         V = R.clone()

@@ -2,6 +2,7 @@
 
 import torch
 
+from ..capabilities import KroneckerView, RepeatedBlock, is_identity
 from .base import Operator
 
 
@@ -12,6 +13,10 @@ class KroneckerProduct(Operator):
     row ``i n1 + j`` for row ``i`` of ``A`` and ``j`` of ``B``. Operands are covariance modules
     or fixed tensors, given as exactly two positional arguments, a dict, or two keywords; the
     first is ``A``.
+
+    Capabilities: ``A ⊗ B`` of square factors offers a
+    :class:`~covmodules.capabilities.KroneckerView` (the Kronecker solver), and ``I_L ⊗ S`` a
+    :class:`~covmodules.capabilities.RepeatedBlock` with block ``S`` (the grouped solver).
 
     The backward pass hands ``A`` the cotangent ``G`` reshaped to ``(m1, n1, m2, n2)`` and
     contracted with ``B`` over the ``n`` axes (and symmetrically for ``B``); ``dV(w)`` uses
@@ -76,3 +81,24 @@ class KroneckerProduct(Operator):
         part_b = b._dv_matmul(nb, M, transpose).reshape(-1, n1, m1, r)
         part_b = part_b.permute(0, 2, 1, 3).reshape(-1, m1 * n1, r)
         return torch.cat([part_a, part_b])
+
+    def kronecker_view(self):
+        """``A ⊗ B`` (no nugget) when both factors are square."""
+        a, b = self.operand_modules
+        if a.shape[0] != a.shape[1] or b.shape[0] != b.shape[1]:
+            return None
+
+        def values(nat):
+            return (*self._operand_values(nat), 0.0)
+
+        def vjp(nat, grad_a, grad_b, trace):
+            na, nb = self._split(nat)
+            return torch.cat([a._vjp(na, grad_a), b._vjp(nb, grad_b)])
+
+        return KroneckerView((a.shape[0], b.shape[0]), values, vjp)
+
+    def repeated_block_view(self):
+        """``I_L ⊗ S`` when the first factor is the identity: the block is ``S``, whose
+        parameters are all of this product's."""
+        a, b = self.operand_modules
+        return RepeatedBlock(a.shape[0], b) if is_identity(a) else None

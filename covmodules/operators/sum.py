@@ -2,13 +2,16 @@
 
 import torch
 
+from ..capabilities import KroneckerView
 from .base import Operator
 
 
 class Sum(Operator):
     r"""Sum :math:`\mathbf{V} = \sum_i \mathbf{V}_i` of two or more same-shape operands.
 
-    Each operand receives the cotangent unchanged in the backward pass.
+    Each operand receives the cotangent unchanged in the backward pass. One operand with a
+    :class:`~covmodules.capabilities.KroneckerView` plus constant diagonals (``A ⊗ B + σ² I``)
+    offers a Kronecker view with the diagonals as its nugget.
 
     Example::
 
@@ -49,3 +52,31 @@ class Sum(Operator):
     def _dv_matmul(self, nat, W, transpose=False):
         return torch.cat([op._dv_matmul(part, W, transpose)
                           for op, part in zip(self.operand_modules, self._split(nat))])
+
+    def kronecker_view(self):
+        """``A ⊗ B + s I``, ``s`` the Kronecker operand's nugget plus the constant diagonals."""
+        ops = self.operand_modules
+        krons = [op.kronecker_view() for op in ops]
+        found = [i for i, view in enumerate(krons) if view is not None]
+        if len(found) != 1:
+            return None
+        k, n = found[0], self.shape[0]
+        views = [krons[k] if i == k else op.diagonal_view() for i, op in enumerate(ops)]
+        if not all(v is not None and v.constant for i, v in enumerate(views) if i != k):
+            return None
+        kron = views[k]
+
+        def values(nat):
+            parts = self._split(nat)
+            A, B, s = kron.values(parts[k])
+            for i, (view, part) in enumerate(zip(views, parts)):
+                if i != k:
+                    s = s + view.values(part)[0]
+            return A, B, s
+
+        def vjp(nat, grad_a, grad_b, trace):
+            return torch.cat([kron.vjp(part, grad_a, grad_b, trace) if i == k
+                              else view.trace_vjp(part, trace, n)
+                              for i, (view, part) in enumerate(zip(views, self._split(nat)))])
+
+        return KroneckerView(kron.sizes, values, vjp)

@@ -10,6 +10,7 @@ of the cotangent and ``dV/dσ²_k @ W`` is row ``k`` of ``W`` in row ``k``, so n
 import torch
 
 from ..base import Structure
+from ..capabilities import DiagonalView
 from ..transforms import ExpPow2
 from ..validation import check_size
 
@@ -67,3 +68,7 @@ class DiagonalMatrix(Structure):
 
     def _dv_matmul(self, nat, W, transpose=False):
         return diagonal_dv_matmul(W)
+
+    def diagonal_view(self):
+        """``diag(σ²)``; ``∂/∂σ²_k = d_k``."""
+        return DiagonalView(lambda nat: nat, lambda nat, d: d)

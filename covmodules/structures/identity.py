@@ -3,6 +3,7 @@
 import torch
 
 from ..base import Structure
+from ..capabilities import DiagonalView, RepeatedBlock
 from ..validation import check_size
 
 
@@ -36,3 +37,12 @@ class IdentityMatrix(Structure):
 
     def _dv_matmul(self, nat, W, transpose=False):
         return W.new_zeros(0, self.n, W.shape[1])
+
+    def diagonal_view(self):
+        """Ones, constant; no parameters to differentiate."""
+        return DiagonalView(lambda nat: nat.new_ones(self.n), lambda nat, d: d.new_zeros(0),
+                            constant=True)
+
+    def repeated_block_view(self):
+        """``I_n = I_n ⊗ I_1``."""
+        return RepeatedBlock(self.n, IdentityMatrix(1))

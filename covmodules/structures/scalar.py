@@ -3,6 +3,7 @@
 import torch
 
 from ..base import Structure
+from ..capabilities import DiagonalView, RepeatedBlock
 from ..transforms import ExpPow2
 from ..validation import check_size
 
@@ -44,3 +45,12 @@ class ScalarMatrix(Structure):
 
     def _dv_matmul(self, nat, W, transpose=False):
         return W[None]
+
+    def diagonal_view(self):
+        """``σ² 1``, constant; ``∂/∂σ² = Σ_i d_i``."""
+        return DiagonalView(lambda nat: nat[0].expand(self.n), lambda nat, d: d.sum()[None],
+                            constant=True)
+
+    def repeated_block_view(self):
+        """``σ² I_n = I_n ⊗ σ²``: the block is ``ScalarMatrix(1)`` on the same parameter."""
+        return RepeatedBlock(self.n, ScalarMatrix(1))
