@@ -1,10 +1,13 @@
 r"""The grouped solver: ``V`` block diagonal over the levels of one grouping factor.
 
-``V = Σ_pieces`` of: a diagonal residual (``ScalarMatrix``, ``DiagonalMatrix``,
-``IdentityMatrix``); a ``Grouped(S, groups, positions)`` residual (``S[p_i, p_j]`` within a
-group); random terms ``Z (I_L ⊗ S) Zᵀ`` whose ``Z`` has one block of ``k`` columns per level
-(``G = KroneckerProduct(IdentityMatrix(L), S)``, or ``ScalarMatrix(L)`` / ``IdentityMatrix(L)``
-for ``k = 1``; subject-major ``Z`` as :func:`covmodules.design.random_design` builds it). The
+``V = Σ_pieces`` of: a diagonal residual (any structure with a
+:class:`~covmodules.capabilities.DiagonalView`: ``ScalarMatrix``, ``DiagonalMatrix``,
+``IdentityMatrix``, ...); a ``Grouped(S, groups, positions)`` residual (``S[p_i, p_j]`` within
+a group); random terms ``Z (I_L ⊗ S) Zᵀ`` whose ``G`` offers a
+:class:`~covmodules.capabilities.RepeatedBlock` ``I_L ⊗ S``
+(``KroneckerProduct(IdentityMatrix(L), S)``, or ``ScalarMatrix(L)`` / ``IdentityMatrix(L)``
+for ``k = 1``) and whose ``Z`` has one block of ``k`` columns per level (subject-major ``Z``
+as :func:`covmodules.design.random_design` builds it). The
 grouping is the coarsest of the pieces' groupings; every other must be nested in it (a finer
 one is applied as a mask within the block). The pieces' own parameters are shared by all groups.
 
@@ -17,7 +20,8 @@ quantity is a sum over groups (DESIGN.md, "Data parallel REML"):
 
 **Gradient.** The cotangent is block diagonal,
 ``Ḡ_g = ½(V_g⁻¹ - W_g W_gᵀ - (Py)_g (Py)_gᵀ)`` with ``W = V⁻¹ X L_A^{-T}`` (absent for ML),
-and contracts per piece: the diagonal of ``Ḡ`` for a diagonal residual,
+and contracts per piece: the diagonal of ``Ḡ`` (its trace for a constant one) for a
+diagonal residual,
 ``S̄ = Σ_g Σ_{ij} Ḡ_g[i, j] e_{p_i} e_{p_j}ᵀ`` (a scatter-add) for ``Grouped(S)``, and
 ``S̄ = Σ_g Z̃_gᵀ Ḡ_g Z̃_g`` (``Z̃_g`` the ``n_g x k`` term values of group ``g``) for a term;
 each structure's ``_vjp`` maps ``S̄`` to its parameters. The AI products ``dV/dθ (P y)`` use
@@ -31,14 +35,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ..capabilities import DiagonalView
 from ..operators.grouped import Grouped
-from ..operators.kronecker import KroneckerProduct
-from ..structures.diagonal import DiagonalMatrix
-from ..structures.identity import IdentityMatrix
-from ..structures.scalar import ScalarMatrix
 from .base import Factor, GLSState, StructuredSolver, UnsupportedStructure, additive_pieces
 from .dense import cholesky
-from .woodbury import DIAGONAL, diagonal_values, diagonal_vjp
 
 __all__ = ["GroupedSolver", "GroupedFactor"]
 
@@ -51,6 +51,7 @@ class _Piece:
     module: object                       # the leaf, the Grouped operator or the term's G
     offset: int                          # first parameter in the model's flat order
     inner: object = None                 # S, shared by the groups or levels
+    diagonal: DiagonalView | None = None   # the diagonal residual's view
     codes: torch.Tensor | None = None    # block of each row (-1: none)
     index: torch.Tensor | None = None    # row -> position in S (Grouped)
     values: torch.Tensor | None = None   # (n, k) term values (term)
@@ -72,14 +73,9 @@ class _Rows:
 
 
 def _term_structure(G):
-    """``S`` with ``G = I_L ⊗ S``, or ``None``."""
-    if isinstance(G, ScalarMatrix):
-        return ScalarMatrix(1)
-    if isinstance(G, IdentityMatrix):
-        return IdentityMatrix(1)
-    if isinstance(G, KroneckerProduct) and isinstance(G.operand_modules[0], IdentityMatrix):
-        return G.operand_modules[1]
-    return None
+    """``S`` with ``G = I_L ⊗ S`` (``G``'s repeated block), or ``None``."""
+    view = G.repeated_block_view()
+    return None if view is None else view.block
 
 
 class GroupedFactor(Factor):
@@ -131,7 +127,8 @@ class GroupedSolver(StructuredSolver):
             self.buckets.append(order[first[:, None] + torch.arange(s, device=first.device)])
         self.blocks = [[self._rows(p, idx) for p in self.pieces] for idx in self.buckets]
         self.full = [any(b is not None and not b.common for b in blocks)
-                     or any(isinstance(p.module, DiagonalMatrix) for p in self.pieces)
+                     or any(p.diagonal is not None and not p.diagonal.constant
+                            for p in self.pieces)
                      for blocks in self.blocks]
 
     @staticmethod
@@ -143,8 +140,9 @@ class GroupedSolver(StructuredSolver):
                 raise UnsupportedStructure(
                     f"random term {name!r} is not I ⊗ S with one block of Z columns per level")
             return _Piece("term", module, offset, S, codes=rows[0], values=rows[1])
-        if isinstance(module, DIAGONAL):
-            return _Piece("diagonal", module, offset)
+        view = module.diagonal_view()
+        if view is not None:
+            return _Piece("diagonal", module, offset, diagonal=view)
         if isinstance(module, Grouped):
             return _Piece("grouped", module, offset, module.operand_modules[0],
                           codes=module.group_codes, index=module.positions)
@@ -211,10 +209,11 @@ class GroupedSolver(StructuredSolver):
             part = self._slice(nat, p)
             if p.kind != "diagonal":
                 inner[i] = p.inner._evaluate(part)
-            elif isinstance(p.module, DiagonalMatrix):
-                diagonal = part if diagonal is None else diagonal + part
+            elif p.diagonal.constant:
+                scalar = scalar + p.diagonal.values(part)[0]
             else:
-                scalar = scalar + diagonal_values(p.module, part, 1)[0]
+                values = p.diagonal.values(part)
+                diagonal = values if diagonal is None else diagonal + values
         blocks = []
         for idx, rows in zip(self.buckets, self.blocks):
             c, s = idx.shape
@@ -276,10 +275,10 @@ class GroupedSolver(StructuredSolver):
             part = self._slice(nat, p)
             if p.kind != "diagonal":
                 g = p.inner._vjp(part, acc[i])
-            elif isinstance(p.module, ScalarMatrix):
-                g = trace[None]
+            elif p.diagonal.constant:
+                g = p.diagonal.trace_vjp(part, trace, self.n)
             else:
-                g = diagonal_vjp(p.module, diag)
+                g = p.diagonal.vjp(part, diag)
             out[p.offset:p.offset + p.num_params] = g
         return out
 
@@ -291,17 +290,13 @@ class GroupedSolver(StructuredSolver):
             U = Py.new_zeros(nat.shape[0], self.n)
             for p in self.pieces:
                 part, rows = self._slice(nat, p), slice(p.offset, p.offset + p.num_params)
-                if p.kind == "grouped":
-                    U[rows] = p.module._dv_matmul(part, Py[:, None])[..., 0]
-                elif p.kind == "term":
+                if p.kind == "term":
                     level, values = p.codes.clamp(min=0), p.values.to(Py.dtype)
                     k = values.shape[1]
                     sums = Py.new_zeros(p.module.shape[0] // k, k).index_add_(
                         0, level, values * Py[:, None])
                     dS = p.inner._dv_matmul(part, sums.T)            # (K, k, L)
                     U[rows] = torch.einsum("ik,Kki->Ki", values, dS[:, :, level])
-                elif isinstance(p.module, ScalarMatrix):
-                    U[rows] = Py
                 else:
                     U[rows] = p.module._dv_matmul(part, Py[:, None])[..., 0]
             U = model.to_free(U, free)

@@ -7,9 +7,11 @@ With ``A = Qa Λa Qaᵀ`` (``m x m``), ``B = Qb Λb Qbᵀ`` (``n x n``) and ``Q 
 so ``log|V| = Σ log D_ab`` and the whitening ``F = D^{-1/2} Qᵀ`` maps a column ``v`` of length
 ``N = mn``, read row-major as the ``m x n`` matrix ``v_mat``, to ``D^{-1/2} ∘ (Qaᵀ v_mat Qb)``:
 ``m³ + n³`` for the eigendecompositions and ``mn(m + n)`` per column, never an ``N x N``
-matrix. The model is ``KroneckerProduct(A, B)``, or a ``Sum`` of one and a ``ScalarMatrix``
-(or ``IdentityMatrix``) nugget in either order (optionally as the residual of a
-``MixedModel`` without random terms).
+matrix. The solver reads the model's :class:`~covmodules.capabilities.KroneckerView`
+(:meth:`~covmodules.CovarianceModule.kronecker_view`): a ``KroneckerProduct(A, B)`` of square
+factors, or a ``Sum`` of one and constant diagonals (``ScalarMatrix``, ``IdentityMatrix``:
+the nugget ``s I``) in any order, optionally as the residual of a ``MixedModel`` without
+random terms.
 
 **Gradient.** In the eigenbasis the cotangent ``½(P - Py Pyᵀ)`` is
 ``½(D⁻¹ - T Tᵀ - u uᵀ)`` with ``u = D^{-1/2} r_w`` (``P y``, an ``m x n`` matrix ``U``) and
@@ -25,8 +27,9 @@ and with ``A`` over the ``m`` axes for the second:
               - \sum_k T_k^T \Lambda_A T_k - U^T \Lambda_A U\Big] Q_b^T, \qquad
     \bar s = \tfrac12\Big[\sum_{ab} D_{ab}^{-1} - \lVert T\rVert^2 - \lVert U\rVert^2\Big];
 
-each factor's own ``_vjp`` maps ``Ā``, ``B̄`` to its parameters. Eigenvectors are never
-differentiated, so repeated eigenvalues (identity, compound-symmetric factors) are harmless.
+the view maps ``Ā``, ``B̄`` (through each factor's own ``_vjp``) and ``s̄ = tr Ḡ`` to the
+parameters. Eigenvectors are never differentiated, so repeated eigenvalues (identity,
+compound-symmetric factors) are harmless.
 
 **Data layout.** Row ``i n + j`` of ``y`` and ``X`` is grid cell ``(i, j)``: row-major, the
 first factor indexes grid rows. :func:`complete_grid` puts plot data into that order and
@@ -57,11 +60,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..model import MixedModel
-from ..operators.kronecker import KroneckerProduct
-from ..operators.sum import Sum
-from ..structures.identity import IdentityMatrix
-from ..structures.scalar import ScalarMatrix
 from .base import (Factor, GLSState, NotPositiveDefiniteError, StructuredSolver,
                    UnsupportedStructure)
 
@@ -99,34 +97,6 @@ class KroneckerFactor(Factor):
         return kron_matmul(self.Qa, self.Qb, W / self.root)
 
 
-def _layout(model):
-    """``(kron, nugget, kron offset, nugget offset)`` of a Kronecker model."""
-    if isinstance(model, MixedModel):
-        if model.term_names:
-            raise UnsupportedStructure("a MixedModel with random terms is not a Kronecker model")
-        model = model._modules["residual"]
-    if isinstance(model, KroneckerProduct):
-        kron, nugget, offsets = model, None, (0, None)
-    elif isinstance(model, Sum) and len(model.operand_modules) == 2:
-        first, second = model.operand_modules
-        if isinstance(first, KroneckerProduct) and _is_nugget(second):
-            kron, nugget, offsets = first, second, (0, first.num_params)
-        elif isinstance(second, KroneckerProduct) and _is_nugget(first):
-            kron, nugget, offsets = second, first, (first.num_params, 0)
-        else:
-            raise UnsupportedStructure("a Sum is a Kronecker model only as A ⊗ B + σ² I")
-    else:
-        raise UnsupportedStructure("not a Kronecker product (plus a scalar nugget)")
-    for op in kron.operand_modules:
-        if op.shape[0] != op.shape[1]:
-            raise UnsupportedStructure("Kronecker factors must be square")
-    return kron, nugget, *offsets
-
-
-def _is_nugget(module) -> bool:
-    return isinstance(module, (ScalarMatrix, IdentityMatrix))
-
-
 class KroneckerSolver(StructuredSolver):
     """``A ⊗ B (+ σ² I)``: eigendecompositions of the factors (see the module docstring)."""
 
@@ -134,24 +104,19 @@ class KroneckerSolver(StructuredSolver):
 
     def __init__(self, model):
         super().__init__(model)
-        self.kron, self.nugget, self.kron_offset, self.nugget_offset = _layout(model)
+        self.view = model.kronecker_view()
+        if self.view is None:
+            raise UnsupportedStructure("not a Kronecker product A ⊗ B of square factors (plus "
+                                       "constant diagonals σ² I), nor a MixedModel without "
+                                       "random terms whose residual is one")
 
     @property
     def cost(self) -> float:
-        (m, _), (n, _) = (op.shape for op in self.kron.operand_modules)
+        m, n = self.view.sizes
         return m ** 3 + n ** 3 + 8 * m * n * (m + n)
 
-    def _parts(self, nat):
-        k = self.kron
-        return nat[self.kron_offset:self.kron_offset + k.num_params]
-
     def factorize(self, nat):
-        A, B = self.kron._operand_values(self._parts(nat))
-        if isinstance(self.nugget, ScalarMatrix):
-            s = nat[self.nugget_offset]
-        else:
-            s = 1.0 if self.nugget is not None else 0.0
-        return KroneckerFactor(A, B, s)
+        return KroneckerFactor(*self.view.values(nat))
 
     def natural_gradient(self, nat, state: GLSState):
         f = state.factor
@@ -169,15 +134,7 @@ class KroneckerSolver(StructuredSolver):
             gs -= (T * T).sum()
         Ga = 0.5 * (f.Qa @ Ga @ f.Qa.T)
         Gb = 0.5 * (f.Qb @ Gb @ f.Qb.T)
-        a, b = self.kron.operand_modules
-        na, nb = self.kron._split(self._parts(nat))
-        out = nat.new_zeros(nat.shape[0])
-        start = self.kron_offset
-        out[start:start + a.num_params] = a._vjp(na, Ga)
-        out[start + a.num_params:start + self.kron.num_params] = b._vjp(nb, Gb)
-        if isinstance(self.nugget, ScalarMatrix):
-            out[self.nugget_offset] = 0.5 * gs
-        return out
+        return self.view.vjp(nat, Ga, Gb, 0.5 * gs)
 
 
 @dataclass(frozen=True)

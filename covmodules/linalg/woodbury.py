@@ -24,7 +24,9 @@ ML) and ``P y``, the cotangent ``Ḡ = ½(P - Py Pyᵀ)`` contracts to
     - \lVert W_{i\cdot}\rVert^2 - (P y)_i^2\big],
 
 ``E = R⁻¹ Z Λ L_M^{-T}``; term ``i`` receives the diagonal block ``Z_iᵀ Ḡ Z_i`` (its own
-``_vjp`` does the rest) and a scalar / diagonal residual the trace / diagonal of ``Ḡ``.
+``_vjp`` does the rest) and each residual piece the diagonal of ``Ḡ``. The residual is read
+through its pieces' :class:`~covmodules.capabilities.DiagonalView` (values and VJP), so any
+structure that offers one is a Woodbury residual.
 """
 
 from __future__ import annotations
@@ -34,15 +36,10 @@ import functools
 import torch
 
 from ..model import MixedModel
-from ..structures.diagonal import DiagonalMatrix
-from ..structures.identity import IdentityMatrix
-from ..structures.scalar import ScalarMatrix
 from .base import (Factor, GLSState, NotPositiveDefiniteError, StructuredSolver,
                    UnsupportedStructure, additive_pieces)
 
 __all__ = ["WoodburySolver", "WoodburyFactor", "root"]
-
-DIAGONAL = (ScalarMatrix, IdentityMatrix, DiagonalMatrix)
 
 
 def root(G: torch.Tensor) -> torch.Tensor:
@@ -59,24 +56,6 @@ def root(G: torch.Tensor) -> torch.Tensor:
         raise NotPositiveDefiniteError("a random-effect covariance G is not positive "
                                        "semi-definite at these parameters")
     return Q * lam.clamp(min=0).sqrt()
-
-
-def diagonal_values(module, nat: torch.Tensor, n: int) -> torch.Tensor:
-    """The diagonal of a ``ScalarMatrix``, ``IdentityMatrix`` or ``DiagonalMatrix``."""
-    if isinstance(module, ScalarMatrix):
-        return nat[0].expand(n)
-    if isinstance(module, IdentityMatrix):
-        return nat.new_ones(n)
-    return nat
-
-
-def diagonal_vjp(module, d: torch.Tensor) -> torch.Tensor:
-    """``[⟨Ḡ, ∂R/∂θ_k⟩]_k`` of a diagonal module from the diagonal ``d`` of ``Ḡ``."""
-    if isinstance(module, ScalarMatrix):
-        return d.sum()[None]
-    if isinstance(module, IdentityMatrix):
-        return d.new_zeros(0)
-    return d
 
 
 class WoodburyFactor(Factor):
@@ -118,10 +97,12 @@ class WoodburySolver(StructuredSolver):
             raise UnsupportedStructure("needs a MixedModel with random terms")
         pieces = additive_pieces(model)
         self.terms = [(name, G, off) for name, G, off in pieces if name is not None]
-        self.residual = [(R, off) for name, R, off in pieces if name is None]
-        if not all(isinstance(R, DIAGONAL) for R, _ in self.residual):
-            raise UnsupportedStructure("the residual must be diagonal (ScalarMatrix, "
-                                       "DiagonalMatrix or IdentityMatrix, or a Sum of them)")
+        self.residual = [(R.diagonal_view(), slice(off, off + R.num_params))
+                         for name, R, off in pieces if name is None]
+        if any(view is None for view, _ in self.residual):
+            raise UnsupportedStructure("the residual must be diagonal (a structure with a "
+                                       "diagonal_view, e.g. ScalarMatrix, DiagonalMatrix or "
+                                       "IdentityMatrix, or a Sum of them)")
         self.n = model.shape[0]
         self.q = sum(G.shape[0] for _, G, _ in self.terms)
         if self.q >= self.n:
@@ -136,8 +117,7 @@ class WoodburySolver(StructuredSolver):
         return torch.cat([self.model.design(name) for name, _, _ in self.terms], 1)
 
     def _diagonal(self, nat):
-        return sum(diagonal_values(R, nat[off:off + R.num_params], self.n)
-                   for R, off in self.residual)
+        return sum(view.values(nat[rows]) for view, rows in self.residual)
 
     def factorize(self, nat):
         blocks = [root(G._evaluate(nat[off:off + G.num_params])) for _, G, off in self.terms]
@@ -166,6 +146,6 @@ class WoodburySolver(StructuredSolver):
             block = Gz[start:start + q, start:start + q]
             out[off:off + G.num_params] = G._vjp(nat[off:off + G.num_params], block)
             start += q
-        for R, off in self.residual:
-            out[off:off + R.num_params] = diagonal_vjp(R, d)
+        for view, rows in self.residual:
+            out[rows] = view.vjp(nat[rows], d)
         return out
