@@ -49,7 +49,7 @@ import torch.distributed as dist
 
 from .base import CovarianceModule
 from .checks import Checks, prepare
-from .linalg import NotPositiveDefiniteError, select_solver
+from .linalg import NotPositiveDefiniteError, identify, select_solver
 from .linalg.base import GLSState, NegLogLik
 from .linalg.statistics import GLSStatistics
 
@@ -116,6 +116,7 @@ class ShardedREML:
         self.n, self.p, self._residual_variance = data.n, len(data.x_names), data.residual_variance
         self.solvers = []
         for i, model in enumerate(self.models):
+            identify(model)
             if model.free_param_names != self.models[0].free_param_names:
                 raise ValueError(f"shard {i}'s model has parameters {model.free_param_names}, "
                                  f"shard 0's {self.models[0].free_param_names}")

@@ -34,7 +34,7 @@ from torch import nn
 
 from .base import CovarianceModule
 from .checks import Checks, prepare
-from .linalg import NotPositiveDefiniteError, select_solver
+from .linalg import NotPositiveDefiniteError, identify, select_solver
 
 __all__ = ["NotPositiveDefiniteError", "REML",
            "reml_loss", "ml_loss", "REMLLoss", "MLLoss"]
@@ -75,6 +75,7 @@ class REML:
         self.y, self.X = data.ys[0], data.Xs[0]
         self.x_names, self.dropped = data.x_names, data.dropped
         self._residual_variance = data.residual_variance
+        identify(model)
         self.solver = select_solver(model, solver)
 
     @property

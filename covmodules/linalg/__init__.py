@@ -7,13 +7,19 @@
 | block diagonal over one grouping factor | ``"grouped"`` | ``Σ n_g³/3`` |
 | ``Σ Z_i G_i Z_iᵀ + R``, ``R`` diagonal | ``"woodbury"`` | ``n q² + q³`` |
 
-:func:`select_solver` picks, among the solvers whose structure the model has, the one with
-the smallest cost estimate (dense when none applies); ``solver="name"`` overrides it.
-Before that, :func:`identify` fixes one scale of every Kronecker product whose factors both
-carry a free variance (only their product is identified).
+:func:`applicable_solvers` builds each solver whose structure the model has (a solver's
+constructor reads the model's capability views, :mod:`covmodules.capabilities`, and raises
+:class:`UnsupportedStructure` otherwise); :func:`select_solver` picks the one with the
+smallest cost estimate (dense when none applies); ``solver="name"`` overrides it.
+
+:func:`identify` fixes one scale of every Kronecker product whose factors both carry a free
+variance (only their product is identified); the REML objectives call it when they are built
+(:class:`~covmodules.reml.REML`, :class:`~covmodules.distributed.ShardedREML`), and
+:func:`select_solver` leaves the model as it is.
 """
 
 import warnings
+from typing import Iterator
 
 import torch
 
@@ -27,7 +33,7 @@ from .woodbury import WoodburySolver
 __all__ = ["NotPositiveDefiniteError", "UnsupportedStructure", "Solver", "DenseSolver",
            "applicable_solvers",
            "KroneckerSolver", "GroupedSolver", "WoodburySolver", "SOLVERS", "select_solver",
-           "identify", "complete_grid"]
+           "identify", "unidentified_kronecker", "complete_grid"]
 
 SOLVERS: dict[str, type[Solver]] = {"dense": DenseSolver, "kronecker": KroneckerSolver,
                                     "grouped": GroupedSolver, "woodbury": WoodburySolver}
@@ -37,9 +43,13 @@ def select_solver(model, solver=None) -> Solver:
     """The solver for ``model``: by name, a :class:`Solver` instance, or chosen automatically
     (the cheapest solver whose structure the model has; dense when none applies).
 
-    Calls :func:`identify` first, so a fit never runs on a non-identified Kronecker scale.
+    The model is not changed; a Kronecker product whose scale is not identified (see
+    :func:`identify`) is warned about.
     """
-    identify(model)
+    for path, _ in unidentified_kronecker(model):
+        warnings.warn(f"both factors of the Kronecker product {path or 'model'!r} have a free "
+                      "scale and only their product is identified (the AI matrix is "
+                      "singular); fix one, e.g. with identify(model)", stacklevel=2)
     if isinstance(solver, Solver):
         if solver.model is not model:
             raise ValueError("solver was built for another model; pass a solver name or a "
@@ -81,28 +91,31 @@ def identify(model) -> list[str]:
     the names of the parameters fixed.
     """
     fixed = []
-    for path, module in model.named_modules():
-        if not isinstance(module, KroneckerProduct):
-            continue
-        operands = list(zip(module._operand_names, module.operand_modules))
-        if not all(_free_scale(op) for _, op in operands):
-            continue
-        where = path.replace(".", "/") or "model"
-        prefix = where + "/" if path else ""
-        for name, op in reversed(operands):
+    for path, module in unidentified_kronecker(model):
+        where = path or "model"
+        for name, op in reversed(list(zip(module._operand_names, module.operand_modules))):
             if "sigma^2" in op.free_param_names:
                 op.fix("sigma^2")
-                full = f"{prefix}{name}/sigma^2"
+                full = "/".join(filter(None, (path, name, "sigma^2")))
                 fixed.append(full)
                 warnings.warn(f"{full} fixed at {op.get_param('sigma^2'):.6g}: both factors of "
                               f"the Kronecker product {where!r} have a free scale, "
-                              "and only their product is identified", stacklevel=4)
+                              "and only their product is identified", stacklevel=3)
                 break
         else:
             raise ValueError(f"both factors of the Kronecker product {where!r} have "
                              "a free scale and only their product is identified; fix one "
                              "factor's scale (e.g. a diagonal element) before fitting")
     return fixed
+
+
+def unidentified_kronecker(model) -> Iterator[tuple[str, KroneckerProduct]]:
+    """``(path, product)`` of each Kronecker product in ``model`` whose factors both have a
+    free scale (path ``"a/b"``, ``""`` for the model itself), each probed when reached."""
+    for path, module in model.named_modules():
+        if (isinstance(module, KroneckerProduct)
+                and all(_free_scale(op) for op in module.operand_modules)):
+            yield path.replace(".", "/"), module
 
 
 def _free_scale(module) -> bool:
