@@ -19,22 +19,24 @@ __all__ = ["fit", "fit_result", "start_values", "torch_optimizer", "loss_converg
            "free_parameters", "free_units"]
 
 OPTIMIZERS = ("ai", "lbfgs", "adam", "sgd")
+METHODS = ("reml", "ml")
 
 
-def fit(model: CovarianceModule | ShardedREML, y=None, X=None, *, x_names=None, method: str = "ai",
-        reml: bool = True, start=None, max_iter: int | None = None, tol: float = 1e-10,
-        lr: float = 0.05, solver=None, callback=None, checks=None) -> FitResult:
+def fit(model: CovarianceModule | ShardedREML, y=None, X=None, *, x_names=None,
+        optimizer: str = "ai", method: str = "reml", start=None, max_iter: int | None = None,
+        tol: float = 1e-10, lr: float = 0.05, solver=None, callback=None, checks=None,
+        reml: bool | None = None) -> FitResult:
     """Fit the covariance parameters of ``y = X b + e``, ``Var(y) = V`` by REML (or ML).
 
     Args:
         model: a covariance module for ``V`` (e.g. a :class:`~covmodules.MixedModel`), or a
             :class:`~covmodules.distributed.ShardedREML` objective (then ``y``, ``X``,
-            ``x_names``, ``reml``, ``solver`` and ``checks`` come from it): under
+            ``x_names``, ``method``, ``solver`` and ``checks`` come from it): under
             ``torch.distributed`` every process runs the same fit and ends at the same estimates.
         y: response ``(n,)``; X: fixed-effects design ``(n, p)`` (``None``: intercept only).
         x_names: names of the columns of ``X``.
-        method: ``"ai"`` (AI-REML, default), ``"lbfgs"``, ``"adam"`` or ``"sgd"``.
-        reml: REML (default) or profiled ML.
+        optimizer: ``"ai"`` (AI-REML, default), ``"lbfgs"``, ``"adam"`` or ``"sgd"``.
+        method: ``"reml"`` (default) or ``"ml"`` (profiled maximum likelihood).
         start: ``None`` (the registered values, or a data-driven scale when they are all at
             their defaults), a dict of natural-scale values by name, or a flat free-scale tensor.
         max_iter: iteration limit (default 50 for AI-REML, 200 for LBFGS, 2000 for Adam/SGD).
@@ -46,6 +48,7 @@ def fit(model: CovarianceModule | ShardedREML, y=None, X=None, *, x_names=None, 
         callback: called with a dict per iteration (AI-REML) or per step (torch optimisers).
         checks: the design checks run before the fit, a :class:`~covmodules.checks.Checks`
             (default: all of them; e.g. ``Checks(obs_gt_levels=False)`` fits anyway).
+        reml: deprecated (``method="reml"`` / ``"ml"``); so is ``method`` naming the optimiser.
 
     Returns:
         A :class:`~covmodules.results.FitResult`; the model is left at the estimates.
@@ -63,23 +66,41 @@ def fit(model: CovarianceModule | ShardedREML, y=None, X=None, *, x_names=None, 
         >>> result.converged, round(result.params["g/sigma^2"], 4)   # balanced: (MSB - MSW) / 4
         (True, 7.7)
     """
-    if method not in OPTIMIZERS:
-        raise ValueError(f"method must be one of {OPTIMIZERS}, got {method!r}")
+    optimizer, method = _old_keywords(optimizer, method, reml)
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS} (the optimiser is optimizer=, one "
+                         f"of {OPTIMIZERS}), got {method!r}")
     if isinstance(model, ShardedREML):
         objective, model = model, model.model
     else:
-        objective = REML(model, y, X, x_names=x_names, method="reml" if reml else "ml",
-                         solver=solver, checks=checks)
+        objective = REML(model, y, X, x_names=x_names, method=method, solver=solver,
+                         checks=checks)
     free = start_values(objective, start)
-    if method == "ai":
+    if optimizer == "ai":
         run = AIREML(objective, max_iter=50 if max_iter is None else max_iter, tol=tol,
                      callback=callback).run(free)
-        return fit_result(objective, run.free, run.converged, run.iterations, method,
+        return fit_result(objective, run.free, run.converged, run.iterations, optimizer,
                           run.history, run.boundary, run.state)
-    limit = (200 if method == "lbfgs" else 2000) if max_iter is None else max_iter
-    free, converged, iterations, history = _torch_fit(objective, free, method, limit, tol,
+    limit = (200 if optimizer == "lbfgs" else 2000) if max_iter is None else max_iter
+    free, converged, iterations, history = _torch_fit(objective, free, optimizer, limit, tol,
                                                      lr, callback)
-    return fit_result(objective, free, converged, iterations, method, history)
+    return fit_result(objective, free, converged, iterations, optimizer, history)
+
+
+def _old_keywords(optimizer: str, method: str, reml: bool | None) -> tuple[str, str]:
+    """``(optimizer, method)`` from fit's former keywords, with a ``DeprecationWarning``:
+    ``method`` naming the optimiser (``"ai"``, ``"lbfgs"``, ...), ``reml=True/False``."""
+    if method in OPTIMIZERS:
+        warnings.warn(f"fit(method={method!r}) is deprecated: method is 'reml' or 'ml' now; "
+                      f"pass optimizer={method!r}", DeprecationWarning, stacklevel=3)
+        optimizer, method = method, "reml"
+    if reml is not None:
+        warnings.warn(f"fit(reml={reml}) is deprecated: pass method="
+                      f"{'reml' if reml else 'ml'!r}", DeprecationWarning, stacklevel=3)
+        method = "reml" if reml else "ml"
+    return optimizer, method
 
 
 def fit_result(objective, free, converged: bool, iterations: int, optimizer: str,
@@ -123,9 +144,9 @@ def start_values(objective: REML, start=None) -> torch.Tensor:
     return model._check_free(start).detach().to(torch.float64)
 
 
-def torch_optimizer(method: str, params, lr: float = 0.05, objective=None
+def torch_optimizer(optimizer: str, params, lr: float = 0.05, objective=None
                     ) -> torch.optim.Optimizer:
-    """The torch optimiser ``fit`` uses for ``method`` (``"lbfgs"``, ``"adam"``, ``"sgd"``):
+    """The torch optimiser ``fit`` uses for ``optimizer`` (``"lbfgs"``, ``"adam"``, ``"sgd"``):
     LBFGS with a strong-Wolfe line search and tight tolerances; Adam / SGD at ``lr``.
 
     With the ``objective``, it runs on ``θ / unit`` (:class:`InUnits`) and LBFGS stops when
@@ -135,11 +156,11 @@ def torch_optimizer(method: str, params, lr: float = 0.05, objective=None
     change = 1e-14 if objective is None else 1e-13 * objective.n
 
     def build(tensors):
-        if method == "lbfgs":
+        if optimizer == "lbfgs":
             return torch.optim.LBFGS(tensors, lr=1.0, max_iter=20, tolerance_grad=1e-12,
                                      tolerance_change=change, history_size=20,
                                      line_search_fn="strong_wolfe")
-        return (torch.optim.Adam if method == "adam" else torch.optim.SGD)(tensors, lr=lr)
+        return (torch.optim.Adam if optimizer == "adam" else torch.optim.SGD)(tensors, lr=lr)
 
     if objective is None:
         return build(list(params))
@@ -210,12 +231,12 @@ class InUnits(torch.optim.Optimizer):
         self.inner.load_state_dict(state_dict)
 
 
-def _torch_fit(objective, free, method, max_iter, tol, lr, callback):
-    """Run the torch optimiser ``method`` in the parameters' units (:class:`InUnits`)."""
+def _torch_fit(objective, free, optimizer, max_iter, tol, lr, callback):
+    """Run the torch optimiser ``optimizer`` in the parameters' units (:class:`InUnits`)."""
     model = objective.model
     model.set_free_params(free)
     params = free_parameters(model)
-    opt = torch_optimizer(method, params, lr, objective)
+    opt = torch_optimizer(optimizer, params, lr, objective)
 
     def closure():
         opt.zero_grad()
@@ -233,8 +254,8 @@ def _torch_fit(objective, free, method, max_iter, tol, lr, callback):
         try:
             loss = float(opt.step(closure))
         except NotPositiveDefiniteError as err:
-            warnings.warn(f"{method} stopped at its last point where V is positive definite: "
-                          f"a trial step left that region ({err}); method='ai' halves such "
+            warnings.warn(f"{optimizer} stopped at its last point where V is positive definite: "
+                          f"a trial step left that region ({err}); optimizer='ai' halves such "
                           "steps", stacklevel=3)
             return last, False, step, history
         record = {"iteration": step, "loglik": -loss}
@@ -246,7 +267,8 @@ def _torch_fit(objective, free, method, max_iter, tol, lr, callback):
             break
         previous = loss
     if not converged:
-        warnings.warn(f"{method} reached max_iter={max_iter} without converging", stacklevel=3)
+        warnings.warn(f"{optimizer} reached max_iter={max_iter} without converging",
+                      stacklevel=3)
     return model.free_params().clone(), converged, step, history
 
 

@@ -351,7 +351,7 @@ def test_no_fixed_effects_on_every_solver(model, solver):
     y = torch.randn(20, generator=torch.Generator().manual_seed(0), dtype=DT)
     none = torch.zeros(20, 0, dtype=DT)
     reml = fit(model(), y, none, solver=solver)
-    ml = fit(model(), y, none, solver=solver, reml=False)
+    ml = fit(model(), y, none, solver=solver, method="ml")
     assert reml.converged and reml.objective.p == 0
     assert reml.loglik == pytest.approx(ml.loglik, rel=1e-10)      # no fixed effects: REML = ML
     assert list(reml.fixed_effects.index) == []

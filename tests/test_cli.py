@@ -105,6 +105,8 @@ BAD = [
      "error: model.start.Subject/sigma^2: unknown parameter"),
     ({"data": {"respone": "Reaction"}}, "data.respone"),
     ({"model": {"optimizer": "adamw"}}, "model.optimizer"),
+    ({"model": {"method": "reml2"}}, "model.method"),
+    ({"model": {"reml": False}}, "model.reml"),            # the former key: method: ml now
 ]
 
 

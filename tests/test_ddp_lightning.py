@@ -112,7 +112,7 @@ def test_two_ddp_processes_equal_the_single_process_fit(tmp_path):
         p = dm.train_problem
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            plain = fit(p.model, p.y, p.X, method=name, max_iter=epochs)
+            plain = fit(p.model, p.y, p.X, optimizer=name, max_iter=epochs)
         assert single["loglik"] == pytest.approx(plain.loglik, rel=1e-8)
         for got in (r[name] for r in ranks):
             print(f"{name}: {got['iterations']} iterations, logLik {got['loglik']:.10f} "

@@ -51,7 +51,7 @@ def shards(subject_sets, seed=0):
 
 def whole_fit(method, **kwargs):
     subject, time, y, X = data()
-    return fit(model_for(subject, time), y, X, method=method, solver="grouped", **kwargs)
+    return fit(model_for(subject, time), y, X, optimizer=method, solver="grouped", **kwargs)
 
 
 def test_batches_give_the_exact_one_batch_loss_gradient_and_ai():
@@ -98,7 +98,7 @@ def _worker(rank, world, port, out_file):
         objective = ShardedREML(shards(sets))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")          # adam stops at max_iter on purpose
-            result = fit(objective, method=method, **kwargs)
+            result = fit(objective, optimizer=method, **kwargs)
         results[method] = (result.free.clone(), result.loglik, result.iterations)
     if rank == 0:
         torch.save(results, out_file)

@@ -96,7 +96,8 @@ def run(case, data: Data, reml: bool = True) -> Fit:
     model, y, X = SPECS[name].build(data.rows, data.y, solver)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = fit(model, y, X, method=opt, solver=solver, reml=reml)
+        result = fit(model, y, X, optimizer=opt, solver=solver,
+                     method="reml" if reml else "ml")
     messages = list(dict.fromkeys(str(w.message) for w in caught))
     with torch.no_grad():
         V = result.model(result.free).detach().to(DTYPE)

@@ -49,7 +49,7 @@ def test_ai_reml_matches_r(model_id):
 @pytest.mark.parametrize("model_id", ["a", "g2"])
 def test_lbfgs_reaches_the_same_optimum(model_id):
     model, y, X, names, spec = build(model_id)
-    result = fit(model, y, X, x_names=names, method="lbfgs")
+    result = fit(model, y, X, x_names=names, optimizer="lbfgs")
     assert result.converged
     assert abs(result.loglik - spec["logLik_REML"]) < 1e-6
     for key, (ours, ref) in r_comparable(model, spec).items():

@@ -231,7 +231,7 @@ def test_fit_leaves_model_at_estimates_and_torch_optimisers_agree():
     ai = fit(model, y, X)
     assert REML(model, y, X).loglik() == pytest.approx(ai.loglik, abs=1e-10)
     model.reset_parameters()
-    lb = fit(model, y, X, method="lbfgs")
+    lb = fit(model, y, X, optimizer="lbfgs")
     assert lb.loglik == pytest.approx(ai.loglik, abs=1e-6)
 
 
@@ -241,6 +241,21 @@ def test_unknown_method_and_bad_model():
         fit(model, y, X, method="newton")
     with pytest.raises(TypeError, match="model must be a CovarianceModule"):
         fit(torch.eye(3), y, X)
+
+
+def test_former_fit_keywords_warn_and_fit_the_same():
+    model, y, X, _ = small_problem(seed=6)
+    new = fit(model, y, X, optimizer="lbfgs", method="ml")
+    model.reset_parameters()
+    with pytest.warns(DeprecationWarning) as caught:
+        old = fit(model, y, X, method="lbfgs", reml=False)
+    assert [str(w.message) for w in caught if w.category is DeprecationWarning] == [
+        "fit(method='lbfgs') is deprecated: method is 'reml' or 'ml' now; pass optimizer='lbfgs'",
+        "fit(reml=False) is deprecated: pass method='ml'"]
+    assert (old.optimizer, old.method) == (new.optimizer, new.method) == ("lbfgs", "ML")
+    assert old.loglik == new.loglik
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        fit(model, y, X, optimizer="newton")
 
 
 def test_ai_reml_stepwise_with_saved_state_equals_uninterrupted_run():

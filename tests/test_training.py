@@ -52,7 +52,7 @@ def lightning_fit(p, tmp_path, **kwargs):
 def test_lightning_fit_equals_plain_fit(name, optimizer, tmp_path):
     ours = lightning_fit(problem(name), tmp_path, optimizer=optimizer)
     p = problem(name)
-    ref = fit(p.model, p.y, p.X, x_names=p.x_names, method=optimizer)
+    ref = fit(p.model, p.y, p.X, x_names=p.x_names, optimizer=optimizer)
     assert ours.converged and ref.converged and ours.iterations == ref.iterations
     assert abs(ours.loglik - ref.loglik) < 1e-6
     assert ours.params == pytest.approx(ref.params, rel=1e-6, abs=1e-9)
@@ -62,9 +62,9 @@ def test_lightning_fit_equals_plain_fit(name, optimizer, tmp_path):
 
 
 def test_ml_fit_equals_plain_fit(tmp_path):
-    ours = lightning_fit(problem("sleepstudy"), tmp_path, reml=False)
+    ours = lightning_fit(problem("sleepstudy"), tmp_path, method="ml")
     p = problem("sleepstudy")
-    ref = fit(p.model, p.y, p.X, x_names=p.x_names, reml=False)
+    ref = fit(p.model, p.y, p.X, x_names=p.x_names, method="ml")
     assert ours.method == "ML" and abs(ours.loglik - ref.loglik) < 1e-6
     assert ours.params == pytest.approx(ref.params, rel=1e-6)
 

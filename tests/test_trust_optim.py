@@ -37,10 +37,10 @@ def sleepstudy():
 def test_unstructured_g_is_scale_equivariant(method, s):
     """Defect 1: y * 1e8 stopped at the start values (0 iterations, logLik 68.5 too low)."""
     model, y, X = sleepstudy()
-    ref = fit(model, y, X, method=method)
+    ref = fit(model, y, X, optimizer=method)
     G_ref = model.Subject.effects.covariance()
     model, y, X = sleepstudy()
-    scaled = fit(model, s * y, X, method=method)
+    scaled = fit(model, s * y, X, optimizer=method)
     assert scaled.converged and ref.converged
     assert abs(scaled.iterations - ref.iterations) <= 2
     torch.testing.assert_close(model.Subject.effects.covariance() / s ** 2, G_ref,
@@ -109,7 +109,7 @@ def test_every_optimiser_flags_a_zero_variance(method):
     build, y = zero_variance_data()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = fit(build(), y, method=method, max_iter=2000 if method == "adam" else None)
+        result = fit(build(), y, optimizer=method, max_iter=2000 if method == "adam" else None)
     assert any("singular fit" in str(w.message) for w in caught)
     assert result.boundary == ["g/sigma^2"]
     assert math.isnan(result.std_errors["g/sigma^2"])
@@ -168,7 +168,7 @@ def test_a_vanished_cholesky_column_is_reflected_not_trapped(seed):
     model, y, X, free = small_random_slope(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        best = fit(model, y, X, method="lbfgs").loglik
+        best = fit(model, y, X, optimizer="lbfgs").loglik
         model.reset_parameters()
         result = fit(model, y, X, start=free)
     assert result.converged
@@ -204,7 +204,7 @@ def test_lbfgs_line_search_outside_the_positive_definite_region_stops_clearly():
     V = SimpleMatrix(lambda t: t[0] * torch.eye(20, dtype=t.dtype), (20, 20),
                      {"c": (0.0, Identity(), "variance")})
     with pytest.warns(UserWarning, match="last point where V is positive definite"):
-        result = fit(V, y, start={"c": 100.0}, method="lbfgs")
+        result = fit(V, y, start={"c": 100.0}, optimizer="lbfgs")
     assert not result.converged and result.params["c"] == 100.0
-    assert fit(V, y, start={"c": 0.05}, method="lbfgs").params["c"] == pytest.approx(
+    assert fit(V, y, start={"c": 0.05}, optimizer="lbfgs").params["c"] == pytest.approx(
         float(y.var()), rel=1e-6)

@@ -35,8 +35,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import os
-from typing import Callable, Literal, Optional
+from typing import Literal, Optional
 
 import lightning as L
 import pandas as pd
@@ -47,14 +46,10 @@ from torch.utils.data import DataLoader
 from torchmetrics import MeanSquaredError, R2Score
 
 from covmodules import CovarianceModule
-from covmodules.base import Structure
 from covmodules.checks import Checks
 from covmodules.distributed import ShardedREML, world_size
-from covmodules.fitting import (OPTIMIZERS, fit_result, free_parameters, loss_converged,
-                                start_values, torch_optimizer)
-from covmodules.linalg import applicable_solvers
-from covmodules.linalg.base import StructuredSolver
-from covmodules.optim import AIREML
+from covmodules.fitting import (METHODS, OPTIMIZERS, fit_result, free_parameters,
+                                loss_converged, start_values, torch_optimizer)
 from covmodules.reml import REML
 from covmodules.results import FitResult
 from covmodules.specs import Problem, SpecError
@@ -62,43 +57,15 @@ from covmodules.validation import as_data
 
 from .data import Batch, loader
 from .metrics import REMLStatistics
-from .monitoring import (blup_values, component_blups, covariance_blocks, fitted_v_block,
-                         heatmap)
+from .monitoring import blup_values, covariance_blocks, fitted_v_block, heatmap
+from .prediction import blup_table, prediction_frame
+from .run import AIStep, Run, load_own_data, save_last_checkpoints
 
 __all__ = ["REMLModule", "AIStep"]
 
 # every process logs the same numbers (the objective is the whole training set's);
 # sync_dist says so to Lightning under DDP (the mean of equal values)
 _EPOCH = {"on_step": False, "on_epoch": True, "batch_size": 1, "sync_dist": True}
-
-
-class AIStep(torch.optim.Optimizer):
-    """AI-REML as a torch optimiser: each :meth:`step` is one :meth:`AIREML.step
-    <covmodules.optim.AIREML.step>` on ``objective()``, written back to the model's parameters.
-
-    :meth:`begin` starts the run at free-scale ``start`` (or continues a saved run);
-    :attr:`last` is the last step's history record, ``None`` once the run has ended.
-    """
-
-    def __init__(self, objective: Callable[[], REML], tol: float = 1e-10):
-        model = objective().model
-        super().__init__([p for p in model.parameters() if p.requires_grad], {})
-        self.objective, self.tol = objective, tol
-        self.run: Optional[AIREML] = None
-        self.last: Optional[dict] = None
-
-    def begin(self, start: torch.Tensor, saved: Optional[dict] = None) -> None:
-        """Start at ``start``, or continue the run saved by ``AIREML.state_dict``."""
-        self.run = AIREML(self.objective(), max_iter=10 ** 9, tol=self.tol)
-        if saved is None:
-            self.run.start(start)
-        else:
-            self.run.load_state_dict(saved)
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        self.last = self.run.step()
-        self.objective().model.set_free_params(self.run.free)
 
 
 class REMLModule(L.LightningModule):
@@ -115,7 +82,7 @@ class REMLModule(L.LightningModule):
         covariance: the covariance module of ``y`` (e.g. a :class:`~covmodules.MixedModel`).
         y, X, x_names: response, fixed-effects design and its column names.
         optimizer: ``"ai"`` (AI-REML), ``"lbfgs"``, ``"adam"`` or ``"sgd"``.
-        reml: REML (default) or profiled ML.
+        method: ``"reml"`` (default) or ``"ml"`` (profiled maximum likelihood).
         lr: learning rate of Adam / SGD (> 0).
         tol: convergence tolerance, as in :func:`covmodules.fit` (> 0).
         start: natural-scale start values by parameter name (default: the data-driven start
@@ -129,14 +96,16 @@ class REMLModule(L.LightningModule):
     def __init__(self, covariance: Optional[CovarianceModule] = None,
                  y: Optional[torch.Tensor] = None, X: Optional[torch.Tensor] = None,
                  x_names: Optional[list[str]] = None,
-                 optimizer: Literal["ai", "lbfgs", "adam", "sgd"] = "ai", reml: bool = True,
-                 lr: float = 0.05, tol: float = 1e-10, start: Optional[dict[str, float]] = None,
-                 max_image_size: int = 100, image_every_n_epochs: int = 0,
-                 checks: Optional[Checks] = None):
+                 optimizer: Literal["ai", "lbfgs", "adam", "sgd"] = "ai",
+                 method: Literal["reml", "ml"] = "reml", lr: float = 0.05, tol: float = 1e-10,
+                 start: Optional[dict[str, float]] = None, max_image_size: int = 100,
+                 image_every_n_epochs: int = 0, checks: Optional[Checks] = None):
         super().__init__()
-        if optimizer not in OPTIMIZERS:
-            raise SpecError(f"model.optimizer: unknown optimizer {optimizer!r}; "
-                            f"choose one of {list(OPTIMIZERS)}")
+        for key, value, choices in (("optimizer", optimizer, OPTIMIZERS),
+                                    ("method", method, METHODS)):
+            if value not in choices:
+                raise SpecError(f"model.{key}: unknown {key} {value!r}; choose one of "
+                                f"{list(choices)}")
         for key, value, low in (("lr", lr, 0), ("tol", tol, 0)):
             if not value > low:
                 raise SpecError(f"model.{key}: must be > {low}, got {value}")
@@ -159,28 +128,28 @@ class REMLModule(L.LightningModule):
         # float64 sums: the processes' partial sums then add up to the one-process value
         self.val_mse, self.val_r2 = (MeanSquaredError().set_dtype(torch.float64),
                                      R2Score().set_dtype(torch.float64))
-        self.val_loglik = REMLStatistics(method=self.method)
-        self.history: list[dict] = []
-        self.converged, self.boundary = False, []
+        self.val_loglik = REMLStatistics(method=method)
+        self.run = Run()
         self.result: Optional[FitResult] = None
-        self._shards: Optional[list[Problem]] = None
-        self._batch_results: Optional[list[FitResult]] = None
+        self._shards: Optional[list[Problem]] = None      # the training batches, when split
         self._objective: Optional[REML | ShardedREML] = None
-        self._start_free: Optional[torch.Tensor] = None
-        self._saved_ai: Optional[dict] = None
-        self._previous_loss: Optional[float] = None
-        self._epoch_loss, self._step_loss, self._grad_norm = 0.0, None, None
+        self._step: dict = {}          # this step's first loss and gradient norm (torch optim)
         self._val_beta: Optional[torch.Tensor] = None
-
-    @property
-    def method(self) -> str:
-        return "reml" if self.hparams.reml else "ml"
 
     def _set_data(self, y, X, x_names):
         self.y = as_data(y, "y", 1)          # REML's checks of the rest run at the first step
         self.X = (torch.ones(len(self.y), 1, dtype=torch.float64, device=self.y.device)
                   if X is None else as_data(X, "X", 2))
         self.x_names = (["(Intercept)"] if X is None else None) if x_names is None else x_names
+
+    @property
+    def history(self) -> list[dict]:
+        """One record per step (see :class:`~training.run.Run`)."""
+        return self.run.history
+
+    @property
+    def converged(self) -> bool:
+        return self.run.converged
 
     @property
     def sharded(self) -> bool:
@@ -196,13 +165,14 @@ class REMLModule(L.LightningModule):
         if current is None or (current.ys[0] if self.sharded else current.y).device != y.device:
             if self.sharded:
                 self._objective = ShardedREML([(p.model, p.y, p.X) for p in self._shards],
-                                              x_names=self.x_names, method=self.method,
-                                              solver=_structured_solver(self.covariance),
+                                              x_names=self.x_names, method=self.hparams.method,
                                               checks=self.checks)
             else:
-                self._objective = REML(self.covariance, self.y, self.X, x_names=self.x_names,
-                                       method=self.method, checks=self.checks)
+                self._objective = self._reml(self.covariance, self.y, self.X, self.x_names)
         return self._objective
+
+    def _reml(self, model, y, X, x_names) -> REML:
+        return REML(model, y, X, x_names=x_names, method=self.hparams.method, checks=self.checks)
 
     # ------------------------------------------------------------------ set-up
     def setup(self, stage: str) -> None:
@@ -244,7 +214,7 @@ class REMLModule(L.LightningModule):
             except ValueError as err:
                 raise SpecError(f"model.start: {err}") from None
             self.covariance.set_free_params(free)
-            self._start_free = free.clone()
+            self.run.start = free.tolist()
 
     def train_dataloader(self) -> DataLoader:
         return loader([[Batch(self._own_problem(), "train")]])
@@ -266,8 +236,8 @@ class REMLModule(L.LightningModule):
         if self.hparams.optimizer == "ai":
             return self._ai_step()
         loss = self.objective.loss()
-        if self._step_loss is None:
-            self._step_loss = float(loss.detach())
+        if "loss" not in self._step:           # LBFGS evaluates it again in its line search
+            self._step["loss"] = float(loss.detach())
             self.log("loss", loss.detach(), prog_bar=True, **_EPOCH)
             self.log("loglik", -loss.detach(), prog_bar=True, **_EPOCH)
         return loss
@@ -275,10 +245,9 @@ class REMLModule(L.LightningModule):
     def _ai_step(self):
         ai = self.optimizers().optimizer
         if ai.run is None:
-            start = self._start_free
-            if start is None:                   # resumed: continue the saved run, or from here
-                start = self.covariance.free_params().to(torch.float64)
-            ai.begin(start, self._saved_ai)
+            start = self.run.start            # resumed: continue the saved run, or from here
+            ai.begin(self.covariance.free_params().to(torch.float64) if start is None
+                     else torch.tensor(start, dtype=torch.float64), self.run.ai)
         self.optimizers().step()
         record = ai.last
         if record is not None:
@@ -288,8 +257,8 @@ class REMLModule(L.LightningModule):
                 self.log(f"ai/{key}", _f64(record[key]), **_EPOCH)
             self.history.append(dict(record))
         else:
-            run = ai.run.result()
-            loglik, self.converged, self.boundary = run.loglik, run.converged, run.boundary
+            end = ai.run.result()
+            loglik, self.run.converged, self.run.boundary = end.loglik, end.converged, end.boundary
             self.trainer.should_stop = True
         self.log("loss", _f64(-loglik), prog_bar=True, **_EPOCH)
         self.log("loglik", _f64(loglik), prog_bar=True, **_EPOCH)
@@ -300,28 +269,27 @@ class REMLModule(L.LightningModule):
             self.trainer.should_stop = True
 
     def on_train_batch_start(self, batch, batch_idx) -> None:
-        self._step_loss, self._grad_norm = None, None
+        self._step = {}
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        if self._grad_norm is None:
+        if "grad_norm" not in self._step:
             grads = [p.grad.abs().max() for p in self.covariance.parameters() if p.grad is not None]
-            self._grad_norm = float(max(grads)) if grads else 0.0
+            self._step["grad_norm"] = float(max(grads)) if grads else 0.0
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         if self.automatic_optimization:
-            self._epoch_loss += self._step_loss
-            self.log("grad_norm", _f64(self._grad_norm or 0.0), **_EPOCH)
+            self.log("grad_norm", _f64(self._step.get("grad_norm", 0.0)), **_EPOCH)
         for name, value in self.covariance.params.items():
             self.log(f"param/{name}", _f64(value), **_EPOCH)
 
     def on_train_epoch_end(self) -> None:
-        if self.automatic_optimization:
-            loss, self._epoch_loss = self._epoch_loss, 0.0
+        if self.automatic_optimization:             # one step per epoch: the epoch's loss
+            loss, run = self._step["loss"], self.run
             self.history.append({"iteration": len(self.history) + 1, "loglik": -loss})
-            previous, self._previous_loss = self._previous_loss, loss
+            previous, run.previous_loss = run.previous_loss, loss
             if previous is not None and loss_converged(previous, loss, self.hparams.tol,
                                                        self.objective.n):
-                self.converged = True
+                run.converged = True
                 self.trainer.should_stop = True
         every = self.hparams.image_every_n_epochs
         if every and (self.current_epoch + 1) % every == 0:
@@ -334,35 +302,22 @@ class REMLModule(L.LightningModule):
                            "converging; raise trainer.max_epochs")
         self.result = self.fit_result()
         self._log_final(self.result)
-        self._save_last_checkpoints()
-
-    def _save_last_checkpoints(self) -> None:
-        """Write the final state (``converged``, the ended AI-REML run) into each
-        ``ModelCheckpoint``'s last checkpoint: Lightning rewrites it only together with a new
-        top-k one, so it misses the final steps when they do not improve the monitored value
-        (the AI-REML step that confirms convergence)."""
-        for callback in self.trainer.checkpoint_callbacks:
-            path = callback.last_model_path
-            if callback.save_last and path:
-                if self.trainer.is_global_zero and os.path.islink(path):
-                    os.remove(path)             # save_last="link": a file of its own now
-                self.trainer.save_checkpoint(path)
+        save_last_checkpoints(self.trainer)
 
     def fit_result(self) -> FitResult:
         """The :class:`~covmodules.results.FitResult` at the current parameters (on the CPU).
 
         Sharded, it is that of the whole training set on every process (its reductions run on
-        all of them); fitted values and BLUPs are per batch (:meth:`predict_step`)."""
+        all of them); its fitted values and BLUPs are :meth:`predict_step`'s."""
         objective = self.objective
         if not self.sharded and self.y.device.type != "cpu":
-            model = copy.deepcopy(self.covariance).cpu()
-            objective = REML(model, self.y.cpu(), self.X.cpu(), x_names=self.x_names,
-                             method=self.method, checks=self.checks)
+            objective = self._reml(copy.deepcopy(self.covariance).cpu(), self.y.cpu(),
+                                   self.X.cpu(), self.x_names)
         free = objective.model.free_params().to(torch.float64)
-        boundary = list(self.boundary) if self.hparams.optimizer == "ai" else None
+        boundary = list(self.run.boundary) if self.hparams.optimizer == "ai" else None
         result = fit_result(objective, free, self.converged, len(self.history),
                             self.hparams.optimizer, self.history, boundary)
-        self.boundary = list(result.boundary)
+        self.run.boundary = list(result.boundary)
         return result
 
     # --------------------------------------------------------------- monitoring
@@ -429,118 +384,54 @@ class REMLModule(L.LightningModule):
             raise SpecError("predict needs fitted parameters: run fit first, or pass "
                             "--ckpt_path with a checkpoint written by fit")
         self.result = self.fit_result()
-        self._batch_results = self._shard_results() if self.sharded else None
 
     def predict_step(self, batch: Batch, batch_idx: int) -> pd.DataFrame:
-        """Fitted values of the batch's rows: ``fitted_marginal`` (``X b̂``), ``fitted``
-        (plus the BLUPs of random terms, and columns for residual components such as the
-        spatial field, on the training rows; marginal on held-out groups) and ``residual``.
+        """Fitted values of the batch's rows (:func:`~training.prediction.prediction_frame`):
+        ``fitted_marginal`` (``X b̂``), ``fitted`` (plus the BLUPs of random terms, and columns
+        for residual components such as the spatial field, on the training rows; marginal on
+        held-out groups) and ``residual``."""
+        p = batch.problem
+        marginal = (self._kept_columns(p).double().cpu() @ self.result.state.beta).numpy()
+        training = self._batch_result(p) if batch.split == "train" else None
+        return prediction_frame(p, batch.split, marginal, training)
 
-        A training batch of a sharded fit is predicted from its own ``P y`` (with the global
-        ``b̂``): its groups' BLUPs depend on no other rows, so the values are exact."""
-        p, result = batch.problem, self.result
-        if batch.split == "train" and self.sharded:
-            result = self._batch_results[next(i for i, q in enumerate(self._shards) if q is p)]
-        marginal = (self._kept_columns(p).double().cpu() @ result.state.beta).numpy()
-        out = p.frame.copy()
-        out.insert(0, "split", batch.split)
-        out["fitted_marginal"] = marginal
-        out["fitted"] = result.fitted(conditional=True) if batch.split == "train" else marginal
-        if batch.split == "train":
-            for name, values in component_blups(result).items():
-                out[name] = values
-        out["residual"] = p.y.double().cpu().numpy() - out["fitted"].to_numpy()
-        return out
-
-    def _shard_results(self) -> list[FitResult]:
-        """:attr:`result` seen from each training batch of a sharded fit: its rows and its own
-        ``P y`` (with the global ``b̂``), for its fitted values and BLUPs."""
-        for p in self._shards[1:]:            # ShardedREML evaluates them at the first's values
-            p.model.set_free_params(self.result.free)
-        return [dataclasses.replace(self.result, state=state,
-                                    objective=_Rows(p.model, p.y, self._kept_columns(p)))
-                for p, state in zip(self._shards, self.result.state.shards)]
+    def _batch_result(self, problem: Problem) -> FitResult:
+        """:attr:`result` seen from a training batch, for its fitted values and BLUPs: a
+        split training set's batch with its own rows (the columns the fit kept) and its own
+        ``P y`` with the global ``b̂``, exact because its groups' BLUPs depend on no other
+        rows."""
+        if not self.sharded:
+            return self.result
+        i = next(i for i, q in enumerate(self._shards) if q is problem)
+        problem.model.set_free_params(self.result.free)   # ShardedREML reads the first's
+        rows = Problem(problem.model, problem.y, self._kept_columns(problem),
+                       self.objective.x_names, problem.frame)
+        return dataclasses.replace(self.result, objective=rows,
+                                   state=self.result.state.shards[i])
 
     def blup_table(self) -> pd.DataFrame:
         """BLUPs of the random terms, one row per (term, level, coefficient)."""
-        rows = []
-        for result in self._shard_results() if self.sharded else [self.result]:
-            for term, frame in result.blups().items():
-                for level, values in frame.iterrows():
-                    rows += [(term, level, coef, value) for coef, value in values.items()]
-        return pd.DataFrame(rows, columns=["term", "level", "coefficient", "blup"])
+        return blup_table([self._batch_result(p) for p in self._shards] if self.sharded
+                          else [self.result])
 
     # ---------------------------------------------------------------- checkpoint
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        start = None if self._start_free is None else self._start_free.tolist()
         ai = getattr(self.optimizers(use_pl_optimizer=False), "run", None) \
             if self._trainer is not None and self.trainer.optimizers else None
-        checkpoint["reml"] = {"history": self.history, "converged": self.converged,
-                              "boundary": self.boundary, "previous_loss": self._previous_loss,
-                              "start": start, "ai": None if ai is None else ai.state_dict()}
+        if ai is not None:
+            self.run.ai = ai.state_dict()
+        checkpoint["reml"] = self.run.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if self.covariance is None:
             raise SpecError("REMLModule.load_from_checkpoint needs the model: pass covariance, y "
                             "and X, or give the checkpoint to Trainer.fit/predict(..., "
                             "datamodule=..., ckpt_path=...)")
-        data = _data_keys(self)        # the saving process's rows: keep this process's own
-        saved = checkpoint.setdefault("state_dict", {})
-        saved.update({k: v for k, v in self.state_dict().items() if k in data})
-        own = set(self.state_dict())
-        missing, unexpected = sorted(own - set(saved)), sorted(set(saved) - own)
-        if missing or unexpected:
-            path = getattr(self._trainer, "ckpt_path", None) or "the checkpoint"
-            raise SpecError(f"ckpt_path: {path} is a checkpoint of another model: this model "
-                            f"has {_names(missing)}, which the checkpoint lacks; the checkpoint "
-                            f"has {_names(unexpected)}, which this model lacks (load it with "
-                            "the config that wrote it)")
-        state = checkpoint.get("reml", {})
-        self.history = list(state.get("history", []))
-        self.converged = bool(state.get("converged", False))
-        self.boundary = list(state.get("boundary", []))
-        self._previous_loss = state.get("previous_loss")
-        start = state.get("start")
-        self._start_free = None if start is None else torch.tensor(start, dtype=torch.float64)
-        self._saved_ai = state.get("ai")
-
-
-def _names(keys: list[str], shown: int = 3) -> str:
-    """State-dict keys as parameter-style names, the first ``shown`` of them."""
-    names = [k.removeprefix("covariance.").replace(".", "/") for k in keys]
-    more = f" and {len(names) - shown} more" if len(names) > shown else ""
-    return (", ".join(names[:shown]) or "nothing") + more
+        load_own_data(self.covariance, self.state_dict(), checkpoint.setdefault("state_dict", {}),
+                      getattr(self._trainer, "ckpt_path", None) or "the checkpoint")
+        self.run = Run.from_state_dict(checkpoint.get("reml", {}))
 
 
 def _f64(value) -> torch.Tensor:
     """A float64 scalar tensor (``self.log`` keeps tensors' precision, floats become float32)."""
     return torch.as_tensor(value, dtype=torch.float64).detach()
-
-
-@dataclasses.dataclass
-class _Rows:
-    """What :meth:`FitResult.fitted` reads of an objective: one batch's model, ``y``, ``X``."""
-
-    model: CovarianceModule
-    y: torch.Tensor
-    X: torch.Tensor
-
-
-def _structured_solver(model: CovarianceModule) -> str:
-    """The cheapest structured solver of a batch's model (the dense one, cheapest on a small
-    batch, has no statistics to sum over batches)."""
-    candidates = [s for s in applicable_solvers(model) if isinstance(s, StructuredSolver)]
-    if not candidates:
-        raise SpecError("data: the model has no structured solver (grouped, woodbury, "
-                        "kronecker), so the training set cannot be split over batches or "
-                        "processes; set data.groups_per_batch: null and use one process")
-    return min(candidates, key=lambda s: s.cost).name
-
-
-def _data_keys(module: L.LightningModule) -> set[str]:
-    """State-dict keys of the covariance's data buffers (group codes, designs): everything
-    but the parameters, free or fixed, of its structures."""
-    params = {".".join(filter(None, ("covariance", path, spec.name)))
-              for path, m in module.covariance.named_modules() if isinstance(m, Structure)
-              for spec in m.param_specs}
-    return {k for k in module.state_dict() if k.startswith("covariance.") and k not in params}
