@@ -44,6 +44,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .operators.grouped import default_positions
+
 __all__ = ["Design", "RandomDesign", "fixed_design", "random_design", "grouping",
            "positions_within_group", "drop_aliased", "independent_columns"]
 
@@ -208,7 +210,8 @@ def grouping(df: pd.DataFrame, columns: str | Sequence[str],
 
 
 def positions_within_group(codes) -> torch.Tensor:
-    """0, 1, 2, ... in data-row order within each group (nlme ``form = ~ 1 | g``).
+    """0, 1, 2, ... in data-row order within each group (nlme ``form = ~ 1 | g``): the checked
+    tensor form of :func:`covmodules.operators.grouped.default_positions`, ``Grouped``'s default.
 
     >>> positions_within_group(torch.tensor([1, 0, 1, 1, 0]))
     tensor([0, 0, 1, 2, 1])
@@ -221,12 +224,7 @@ def positions_within_group(codes) -> torch.Tensor:
         return codes
     if int(codes.min()) < 0:
         raise ValueError("codes must be non-negative")
-    order = torch.argsort(codes, stable=True)
-    counts = torch.bincount(codes)
-    starts = torch.cumsum(counts, 0) - counts
-    positions = torch.empty_like(codes)
-    positions[order] = torch.arange(codes.numel()) - starts[codes[order]]
-    return positions
+    return torch.from_numpy(default_positions(codes.cpu().numpy())).to(codes.device)
 
 
 def _check_dtype(dtype: torch.dtype) -> None:

@@ -14,7 +14,7 @@ from .cli import report, run_cli
 CONFIG = "configs/field_trial.yaml"
 
 # nlme 3.1-162 gls() with a Kronecker AR1 x AR1 + nugget corStruct (data/README.md;
-# shared oracle scale_reference.json, case iv_a); nugget = σ²_n / (σ²_f + σ²_n).
+# tests/data/scale_reference_iv_a.json); nugget = σ²_n / (σ²_f + σ²_n).
 NLME = {"logLik_REML": -2123.15697497368, "sigma2": 1.26043803300873,
         "rho_row": 0.696813120977147, "rho_col": 0.426692041463626,
         "nugget": 0.219593839568359}
