@@ -5,18 +5,18 @@ A solver evaluates, for free parameters ``θ``, the loss ``-l`` (differentiable)
 gradient of ``-l`` over the free parameters. The average-information matrix follows from the
 state and the module's structured ``dV`` products, the same for every solver.
 
-Structured solvers share the generalised least squares algebra through a :class:`Factor`:
-``log|V|`` and a linear "whitening" map ``F`` with an inner product ``⟨u, w⟩ = uᵀ J w``
-(``J`` a fixed ±1 signature, the identity except for Woodbury) such that
+Every solver, the dense one included, shares the generalised least squares algebra through a
+:class:`Factor`: ``log|V|`` and a linear "whitening" map ``F`` with an inner product
+``⟨u, w⟩ = uᵀ J w`` (``J`` a fixed ±1 signature, the identity except for Woodbury) such that
 
 .. math:: B^T V^{-1} C = \langle F B, F C \rangle, \qquad V^{-1} B = F^T J (F B).
 
-With ``X_w = F X``, ``y_w = F y``: ``A = ⟨X_w, X_w⟩ = XᵀV⁻¹X``, ``b̂ = A⁻¹⟨X_w, y_w⟩``,
-``r_w = y_w - X_w b̂``, ``rᵀV⁻¹r = ⟨r_w, r_w⟩``, ``P y = Fᵀ J r_w`` and
-``Uᵀ P U = ⟨F U, F U⟩ - ⟨X_w, F U⟩ᵀ A⁻¹ ⟨X_w, F U⟩`` (:func:`gls`). A structured solver
-supplies the factor and the contraction of the cotangent
-``∂(-l)/∂V = ½(P - Py (Py)ᵀ)`` with its structure (``V⁻¹`` in place of ``P`` for ML), so no
-``N x N`` matrix is formed anywhere.
+With ``X_w = F X``, ``y_w = F y``: the statistics ``A = ⟨X_w, X_w⟩ = XᵀV⁻¹X``,
+``b = ⟨X_w, y_w⟩``, ``c = ⟨y_w, y_w⟩`` and ``log|V|`` (:mod:`.statistics`, where they are
+finished into ``b̂`` and ``-l``), ``r_w = y_w - X_w b̂``, ``P y = Fᵀ J r_w`` and
+``Uᵀ P U = ⟨F U, F U⟩ - ⟨X_w, F U⟩ᵀ A⁻¹ ⟨X_w, F U⟩`` (:func:`gls`). A solver supplies the
+factor and the contraction of the cotangent ``∂(-l)/∂V = ½(P - Py (Py)ᵀ)`` with its structure
+(``V⁻¹`` in place of ``P`` for ML), so no structured solver forms an ``N x N`` matrix.
 """
 
 from __future__ import annotations
@@ -30,43 +30,11 @@ from torch.autograd.function import once_differentiable
 from .statistics import GLSStatistics, NotPositiveDefiniteError
 
 __all__ = ["NotPositiveDefiniteError", "UnsupportedStructure", "Solver", "Factor", "GLSState",
-           "gls", "NegLogLik", "StructuredSolver", "additive_pieces"]
+           "gls", "NegLogLik", "additive_pieces"]
 
 
 class UnsupportedStructure(ValueError):
-    """A structured solver does not apply to the model's structure (the message says why)."""
-
-
-class Solver(abc.ABC):
-    """Base class of the likelihood solvers (dense, Kronecker, grouped, Woodbury)."""
-
-    name: str
-
-    def __init__(self, model):
-        self.model = model
-
-    @abc.abstractmethod
-    def loss(self, free_params, y, X, method) -> torch.Tensor:
-        """``-l`` at ``free_params`` (registered parameters if ``None``), differentiable."""
-
-    @abc.abstractmethod
-    def state(self, free, y, X, method):
-        """Factorisation and estimates at free parameters ``free`` (no autograd)."""
-
-    @abc.abstractmethod
-    def gradient(self, free, state) -> torch.Tensor:
-        """``∂(-l)/∂θ`` over the free parameters."""
-
-    def average_information(self, free, state) -> torch.Tensor:
-        """``AI = ½ Uᵀ P U`` with ``U[:, k] = dV/dθ_k (P y)``: K structured products."""
-        U = self.model.dV(state.Py, free)
-        return 0.5 * state.project(U.T)
-
-    @property
-    def cost(self) -> float:
-        """Flop estimate of one factorisation (dispatch picks the cheapest solver)."""
-        n = self.model.shape[0]
-        return n ** 3 / 3
+    """A solver does not apply to the model's structure (the message says why)."""
 
 
 class Factor(abc.ABC):
@@ -158,7 +126,7 @@ class NegLogLik(torch.autograd.Function):
 
     ``apply(free, y, X, state_fn, gradient_fn)``: the forward pass is ``state_fn(free)``'s
     ``neg_loglik``; the backward pass gives ``θ`` the cotangent ``gradient_fn(free, state)``
-    (a solver's :meth:`~StructuredSolver.gradient`; for sharded data, this process's share)
+    (a solver's :meth:`~Solver.gradient`; for sharded data, this process's share)
     and ``y``, ``X`` theirs, ``P y`` and ``-P y b̂ᵀ + V⁻¹X (XᵀV⁻¹X)⁻¹`` (REML; ML without the
     second term), when they require gradients.
     """
@@ -181,12 +149,19 @@ class NegLogLik(torch.autograd.Function):
         return g_free, gy, gX, None, None
 
 
-class StructuredSolver(Solver):
-    """A solver built on a :class:`Factor` and a closed-form contraction of the cotangent.
+class Solver(abc.ABC):
+    """A likelihood solver: a :class:`Factor` of ``V`` and the closed-form contraction of the
+    cotangent with the model (dense, Kronecker, grouped, Woodbury).
 
     Subclasses implement :meth:`factorize` (``Factor`` at natural parameters) and
-    :meth:`natural_gradient` (``[⟨½(P - Py Pyᵀ), ∂V/∂θ_k⟩]_k`` over all parameters).
+    :meth:`natural_gradient` (``[⟨½(P - Py Pyᵀ), ∂V/∂θ_k⟩]_k`` over all parameters), and
+    raise :class:`UnsupportedStructure` on construction when the model lacks their structure.
     """
+
+    name: str
+
+    def __init__(self, model):
+        self.model = model
 
     @abc.abstractmethod
     def factorize(self, nat: torch.Tensor) -> Factor:
@@ -196,21 +171,35 @@ class StructuredSolver(Solver):
     def natural_gradient(self, nat: torch.Tensor, state: GLSState) -> torch.Tensor:
         """``∂(-l)/∂θ`` over all parameters on the natural scale."""
 
-    def loss(self, free_params, y, X, method):
+    @property
+    def cost(self) -> float:
+        """Flop estimate of one factorisation (dispatch picks the cheapest solver)."""
+        n = self.model.shape[0]
+        return n ** 3 / 3
+
+    def loss(self, free_params, y, X, method) -> torch.Tensor:
+        """``-l`` at ``free_params`` (registered parameters if ``None``), differentiable."""
         free = self.model._differentiable_free(free_params)
         y, X = y.to(free.dtype), X.to(free.dtype)
         return NegLogLik.apply(free, y, X, lambda f: self.state(f, y, X, method), self.gradient)
 
     def state(self, free, y, X, method) -> GLSState:
+        """Factorisation and estimates at free parameters ``free`` (no autograd)."""
         with torch.no_grad():
             nat = self.model.build_params(free)
             return gls(self.factorize(nat), y.to(nat.dtype), X.to(nat.dtype), method)
 
     def gradient(self, free, state: GLSState) -> torch.Tensor:
+        """``∂(-l)/∂θ`` over the free parameters: one closed-form backward pass."""
         with torch.no_grad():
             free = None if free is None else free.detach()
             g = self.natural_gradient(self.model.build_params(free), state)
             return self.model.to_free(g, free)
+
+    def average_information(self, free, state) -> torch.Tensor:
+        """``AI = ½ Uᵀ P U`` with ``U[:, k] = dV/dθ_k (P y)``: K structured products."""
+        U = self.model.dV(state.Py, free)
+        return 0.5 * state.project(U.T)
 
 
 def additive_pieces(model) -> list[tuple[str | None, object, int]]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from .base import Factor, GLSState, NotPositiveDefiniteError, StructuredSolver, \
+from .base import Factor, GLSState, NotPositiveDefiniteError, Solver, \
     data_cotangents, gls
 
 __all__ = ["DenseSolver", "DenseFactor", "cholesky", "factorize", "cotangent_v",
@@ -99,7 +99,7 @@ def cotangent_v(s: GLSState) -> torch.Tensor:
     return G
 
 
-class DenseSolver(StructuredSolver):
+class DenseSolver(Solver):
     """Cholesky of the full ``V``; works for every covariance module."""
 
     name = "dense"

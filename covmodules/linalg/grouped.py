@@ -37,7 +37,7 @@ import torch
 
 from ..capabilities import DiagonalView
 from ..operators.grouped import Grouped
-from .base import Factor, GLSState, StructuredSolver, UnsupportedStructure, additive_pieces
+from .base import Factor, GLSState, Solver, UnsupportedStructure, additive_pieces
 from .dense import cholesky
 
 __all__ = ["GroupedSolver", "GroupedFactor"]
@@ -107,7 +107,7 @@ class GroupedFactor(Factor):
         return out
 
 
-class GroupedSolver(StructuredSolver):
+class GroupedSolver(Solver):
     """Block-diagonal ``V`` over one grouping factor (see the module docstring)."""
 
     name = "grouped"

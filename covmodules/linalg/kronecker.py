@@ -60,7 +60,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .base import (Factor, GLSState, NotPositiveDefiniteError, StructuredSolver,
+from .base import (Factor, GLSState, NotPositiveDefiniteError, Solver,
                    UnsupportedStructure)
 
 __all__ = ["KroneckerSolver", "KroneckerFactor", "GridData", "complete_grid"]
@@ -97,7 +97,7 @@ class KroneckerFactor(Factor):
         return kron_matmul(self.Qa, self.Qb, W / self.root)
 
 
-class KroneckerSolver(StructuredSolver):
+class KroneckerSolver(Solver):
     """``A ⊗ B (+ σ² I)``: eigendecompositions of the factors (see the module docstring)."""
 
     name = "kronecker"

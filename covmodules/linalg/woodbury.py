@@ -36,7 +36,7 @@ import functools
 import torch
 
 from ..model import MixedModel
-from .base import (Factor, GLSState, NotPositiveDefiniteError, StructuredSolver,
+from .base import (Factor, GLSState, NotPositiveDefiniteError, Solver,
                    UnsupportedStructure, additive_pieces)
 
 __all__ = ["WoodburySolver", "WoodburyFactor", "root"]
@@ -86,7 +86,7 @@ class WoodburyFactor(Factor):
         return U[:n].T @ W[:n] - U[n:].T @ W[n:]
 
 
-class WoodburySolver(StructuredSolver):
+class WoodburySolver(Solver):
     """``Σ Z_i G_i Z_iᵀ + R`` with ``R`` diagonal and ``q < n`` (see the module docstring)."""
 
     name = "woodbury"
