@@ -14,7 +14,6 @@ same solver's ``P y``.
 from __future__ import annotations
 
 import abc
-import math
 
 import numpy as np
 import torch
@@ -27,9 +26,6 @@ from ..reml import REML
 from ..validation import as_data, check_size
 
 __all__ = ["CovarianceLayer", "gaussian_nll"]
-
-LOG_2PI = math.log(2 * math.pi)
-
 
 def gaussian_nll(covariance: CovarianceModule, y, mean, reduction: str = "sum") -> torch.Tensor:
     r"""``-log N(y; mean, V)`` with ``V`` the dense matrix of any covariance module (Cholesky).

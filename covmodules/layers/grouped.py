@@ -37,12 +37,13 @@ from ..checks import check_distinct_rows, grouped_row_classes
 from ..linalg import GroupedSolver
 from ..linalg.base import NegLogLik
 from ..linalg.kronecker import KroneckerFactor
+from ..linalg.statistics import GLSStatistics
 from ..operators.grouped import Grouped, default_positions
 from ..operators.kronecker import KroneckerProduct
 from ..operators.sum import Sum
 from ..structures.scalar import ScalarMatrix
 from ..validation import as_data
-from .base import LOG_2PI, CovarianceLayer, integers, matrix64
+from .base import CovarianceLayer, integers, matrix64
 
 __all__ = ["GroupedCovariance", "KroneckerCovariance"]
 
@@ -63,7 +64,8 @@ class GridState:
         A, B, s = _split(values, m, R.shape[0] // m)
         factor = KroneckerFactor(A, B, s)
         W = factor.whiten(R)
-        neg = 0.5 * (R.shape[1] * factor.logdet + (W * W).sum() + R.numel() * LOG_2PI)
+        neg = GLSStatistics.of_residuals(R.shape[1] * factor.logdet, (W * W).sum(),
+                                         R.numel()).finish("ml").neg_loglik
         return cls(factor, factor.unwhiten(W), neg)
 
     @property

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import torch
 
+from ..linalg.statistics import GLSStatistics
 from ..model import MixedModel
 from ..structures.block_design import BlockDesignMatrix
 from ..structures.scalar import ScalarMatrix
 from ..validation import as_data
-from .base import LOG_2PI, CovarianceLayer, matrix64
+from .base import CovarianceLayer, matrix64
 
 __all__ = ["RandomIntercept"]
 
@@ -77,7 +78,7 @@ class RandomIntercept(CovarianceLayer):
         present = count > 0
         logdet = (r.numel() - int(present.sum())) * torch.log(se) + torch.log(d[present]).sum()
         quad = (r @ r - su * (s[present] ** 2 / d[present]).sum()) / se
-        return 0.5 * (logdet + quad + r.numel() * LOG_2PI)
+        return GLSStatistics.of_residuals(logdet, quad, r.numel()).finish("ml").neg_loglik
 
     def _store(self, r, codes):
         su, _, count, s, d = self._sums(r, codes)

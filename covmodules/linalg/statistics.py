@@ -85,6 +85,15 @@ class GLSStatistics:
                    torch.tensor(float(n), **like))
 
     @classmethod
+    def of_residuals(cls, logdet: torch.Tensor, quadratic: torch.Tensor, n: int
+                     ) -> "GLSStatistics":
+        """The statistics of ``n`` residuals with no fixed effects (``p = 0``): ``log|V|`` and
+        ``rᵀV⁻¹r``; ``finish("ml")`` is then the Gaussian negative log-likelihood."""
+        empty = quadratic.new_zeros(0)
+        return cls(logdet, empty.reshape(0, 0), empty, quadratic,
+                   torch.tensor(float(n), dtype=quadratic.dtype, device=quadratic.device))
+
+    @classmethod
     def zeros(cls, p: int, dtype=torch.float64, device=None) -> "GLSStatistics":
         """The statistics of no rows (``p`` fixed effects)."""
         zero = torch.zeros((), dtype=dtype, device=device)
