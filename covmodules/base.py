@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from .params import ParamTable
 from .transforms import Chain, Exp, ExpPow2, Sigmoid, Softplus, Transform
 
 __all__ = ["ParamSpec", "CovarianceModule", "Structure", "CovarianceFunction", "default_role",
@@ -166,79 +167,97 @@ class CovarianceModule(nn.Module, abc.ABC):
         return {}
 
     # ------------------------------------------------------------------ parameter registry
+    # Every view reads one cached table (covmodules.params.ParamTable); what they return are
+    # copies, so a caller cannot change the table.
+    def _param_table(self) -> ParamTable:
+        """This module's :class:`~covmodules.params.ParamTable`, rebuilt once stale."""
+        table = self.__dict__.get("_param_table_cache")
+        if table is None or not table.current:
+            table = self.__dict__["_param_table_cache"] = ParamTable(self.param_specs)
+        return table
+
+    def add_module(self, name: str, module) -> None:
+        super().add_module(name, module)
+        ParamTable.specs_changed()              # a new operand: new specs
+
+    def __setattr__(self, name: str, value) -> None:
+        if isinstance(value, nn.Module):
+            ParamTable.specs_changed()
+        super().__setattr__(name, value)
+
     @property
     def param_names(self) -> list[str]:
-        return [s.name for s in self.param_specs]
+        return list(self._param_table().names)
 
     @property
     def free_param_names(self) -> list[str]:
-        return [s.name for s in self.param_specs if not s.fixed]
+        return list(self._param_table().free_names)
 
     @property
     def fixed_param_names(self) -> list[str]:
-        return [s.name for s in self.param_specs if s.fixed]
+        return list(self._param_table().fixed_names)
 
     @property
     def free_param_index(self) -> list[int]:
-        return [i for i, s in enumerate(self.param_specs) if not s.fixed]
+        return list(self._param_table().free_index)
 
     @property
     def fixed_param_index(self) -> list[int]:
-        return [i for i, s in enumerate(self.param_specs) if s.fixed]
+        return list(self._param_table().fixed_index)
 
     @property
     def param_defaults(self) -> torch.Tensor:
-        return torch.tensor([s.default for s in self.param_specs], dtype=torch.float64)
+        return self._param_table().defaults.clone()
 
     @property
     def free_param_defaults(self) -> torch.Tensor:
-        return self.param_defaults[self.free_param_index]
+        return self._param_table().free_defaults.clone()
 
     @property
     def fixed_param_defaults(self) -> torch.Tensor:
-        return self.param_defaults[self.fixed_param_index]
+        return self._param_table().fixed_defaults.clone()
 
     @property
     def param_trans(self) -> list[Transform]:
-        return [s.transform for s in self.param_specs]
+        return list(self._param_table().trans)
 
     @property
     def free_param_trans(self) -> list[Transform]:
-        return [s.transform for s in self.param_specs if not s.fixed]
+        return list(self._param_table().free_trans)
 
     @property
     def fixed_param_trans(self) -> list[Transform]:
-        return [s.transform for s in self.param_specs if s.fixed]
+        return list(self._param_table().fixed_trans)
 
     @property
     def free_param_roles(self) -> list[str]:
         """The role of each free parameter (see :class:`ParamSpec`)."""
-        return [s.role for s in self.param_specs if not s.fixed]
+        return list(self._param_table().free_roles)
 
     @property
     def num_params(self) -> int:
-        return len(self.param_specs)
+        return len(self._param_table().specs)
 
     @property
     def num_free_params(self) -> int:
-        return len(self.free_param_index)
+        return len(self._param_table().free_index)
 
     @property
     def num_fixed_params(self) -> int:
-        return self.num_params - self.num_free_params
+        return len(self._param_table().fixed_index)
 
     # ------------------------------------------------------------ natural-scale get / set
     def get_param(self, name: str) -> float:
         """Natural-scale value of parameter ``name`` (free or fixed)."""
         i = self._index_of(name)
         raw = self._raw_tensors()[i].detach()
-        return float(self.param_specs[i].transform.forward(raw))
+        return float(self._param_table().trans[i].forward(raw))
 
     def set_param(self, name: str, value: float) -> None:
         """Set parameter ``name`` to the natural-scale ``value`` (e.g. ``sigma^2 = 2.5``)."""
         i = self._index_of(name)
-        spec, raw = self.param_specs[i], self._raw_tensors()[i]
-        x = spec.transform.inverse(torch.as_tensor(float(value), dtype=torch.float64))
+        transform, raw = self._param_table().trans[i], self._raw_tensors()[i]
+        x = transform.inverse(torch.as_tensor(float(value), dtype=torch.float64))
         if not torch.isfinite(x):
             raise ValueError(f"value {value} is outside the domain of parameter {name!r}")
         with torch.no_grad():
@@ -262,10 +281,12 @@ class CovarianceModule(nn.Module, abc.ABC):
         if value is not None:
             self.set_param(name, value)
         self._set_fixed(self._check_name(name), True)
+        ParamTable.specs_changed()
 
     def free(self, name: str) -> None:
         """Make a fixed parameter free again (an ``nn.Parameter``)."""
         self._set_fixed(self._check_name(name), False)
+        ParamTable.specs_changed()
 
     def free_params(self) -> torch.Tensor:
         """The registered free parameters as a flat, detached free-scale tensor."""
@@ -276,13 +297,13 @@ class CovarianceModule(nn.Module, abc.ABC):
         free = self._check_free(free_params)
         raws = self._raw_tensors()
         with torch.no_grad():
-            for i, value in zip(self.free_param_index, free.detach().tolist()):
+            for i, value in zip(self._param_table().free_index, free.detach().tolist()):
                 raws[i].fill_(value)
 
     def reset_parameters(self) -> None:
         """Set every parameter to its default."""
         with torch.no_grad():
-            for raw, spec in zip(self._raw_tensors(), self.param_specs):
+            for raw, spec in zip(self._raw_tensors(), self._param_table().specs):
                 raw.fill_(spec.default)
 
     @abc.abstractmethod
@@ -290,19 +311,19 @@ class CovarianceModule(nn.Module, abc.ABC):
         """Move parameter ``name`` between ``nn.Parameter`` and buffer."""
 
     def _index_of(self, name: str) -> int:
-        return self.param_names.index(self._check_name(name))
+        return self._param_table().position[self._check_name(name)]
 
     def _check_name(self, name: str) -> str:
         if not isinstance(name, str):
             raise TypeError(f"parameter name must be a str, got {type(name).__name__}")
-        if name not in self.param_names:
+        if name not in self._param_table().position:
             raise ValueError(f"unknown parameter {name!r}; valid names: {self.param_names}")
         return name
 
     # ------------------------------------------------------------------ flat <-> natural
     def _registered_free(self) -> torch.Tensor:
         raws = self._raw_tensors()
-        free = [raws[i] for i in self.free_param_index]
+        free = [raws[i] for i in self._param_table().free_index]
         if not free:
             return torch.zeros(0, dtype=self._dtype(), device=self._device())
         return torch.stack(free)
@@ -316,7 +337,7 @@ class CovarianceModule(nn.Module, abc.ABC):
         return raws[0].device if raws else _buffer_device(self)
 
     def _check_free(self, free_params) -> torch.Tensor:
-        names = self.free_param_names
+        names = self._param_table().free_names
         if isinstance(free_params, dict):
             unknown = [k for k in free_params if k not in names]
             missing = [k for k in names if k not in free_params]
@@ -349,24 +370,24 @@ class CovarianceModule(nn.Module, abc.ABC):
 
     def _full_raw(self, free: torch.Tensor) -> torch.Tensor:
         """All parameters on the free scale: ``free`` merged with the fixed buffers."""
-        raws = self._raw_tensors()
-        fixed_idx = self.fixed_param_index
-        if not fixed_idx:
+        table = self._param_table()
+        if not table.fixed_index:
             return free
-        fixed = torch.stack([raws[i].detach() for i in fixed_idx]).to(free)
-        order = torch.tensor(self.free_param_index + fixed_idx, device=free.device)
+        raws = self._raw_tensors()
+        fixed = torch.stack([raws[i].detach() for i in table.fixed_index]).to(free)
+        order = torch.tensor(table.free_index + table.fixed_index, device=free.device)
         return torch.cat([free, fixed])[torch.argsort(order)]
 
     def _natural(self, raw: torch.Tensor) -> torch.Tensor:
         """Apply each parameter's transform."""
-        return _by_transform(raw, self.param_trans, "forward")
+        return _by_transform(raw, self._param_table().trans, "forward")
 
     def _free_index_tensor(self, device) -> torch.Tensor:
-        return torch.tensor(self.free_param_index, dtype=torch.long, device=device)
+        return torch.tensor(self._param_table().free_index, dtype=torch.long, device=device)
 
     def _free_derivative(self, free: torch.Tensor) -> torch.Tensor:
         """Element-wise derivative of the free parameters' transforms."""
-        return _by_transform(free, self.free_param_trans, "derivative")
+        return _by_transform(free, self._param_table().free_trans, "derivative")
 
     def _differentiable_free(self, free_params) -> torch.Tensor:
         """The registered free parameters (checked finite; gradients reach them) or the
@@ -392,7 +413,7 @@ class CovarianceModule(nn.Module, abc.ABC):
         """
         free = self._resolve_free(free_params)
         nat = self._natural(self._full_raw(free))
-        return nat if include_fixed else nat[self.free_param_index]
+        return nat if include_fixed else nat[self._param_table().free_index]
 
     def forward(self, free_params=None) -> torch.Tensor:
         """The matrix at the registered parameters, or at the given free-scale values.
@@ -563,6 +584,7 @@ class Structure(CovarianceModule):
         self.register_parameter(name, nn.Parameter(torch.tensor(float(default),
                                                                 dtype=torch.float64)))
         self._specs.append(spec)
+        ParamTable.specs_changed()
 
     @property
     def param_specs(self) -> list[ParamSpec]:
