@@ -1,4 +1,5 @@
-"""The covariance module base: parameter registry, evaluation and closed-form gradients.
+"""The covariance module base: evaluation and closed-form gradients (the parameter registry is
+:mod:`covmodules.params`).
 
 Every covariance structure and every operator is a :class:`CovarianceModule`. Its parameters
 are scalars with hierarchical names (``time/sigma^2``), each stored on the free
@@ -20,62 +21,17 @@ from __future__ import annotations
 
 import abc
 import hashlib
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .params import ParamTable
-from .transforms import Chain, Exp, ExpPow2, Sigmoid, Softplus, Transform
+from .params import ROLE_SCALE_POWER, ParameterRegistry, ParamSpec, ParamTable, default_role
+from .transforms import Transform
 
 __all__ = ["ParamSpec", "CovarianceModule", "Structure", "CovarianceFunction", "default_role",
            "ROLE_SCALE_POWER"]
-
-
-#: How a parameter's natural value scales when ``y`` is multiplied by ``s``: by ``s ** power``.
-ROLE_SCALE_POWER = {"variance": 2, "sd": 1, "loading": 1, "correlation": 0, "free": 0}
-
-
-@dataclass(frozen=True)
-class ParamSpec:
-    """One scalar parameter: its name, free-scale default, constraint transform, fixed flag and
-    role.
-
-    The role says what the natural value means: ``"variance"`` (positive, boundary at 0),
-    ``"sd"`` (a positive standard-deviation-like value, boundary at 0), ``"correlation"``
-    (bounded), ``"loading"`` (an unbounded value in the units of ``y``: a Cholesky or
-    factor-analytic loading) or ``"free"`` (unitless). ``None`` infers it from the transform.
-    """
-
-    name: str
-    default: float
-    transform: Transform
-    fixed: bool = False
-    role: str | None = None
-
-    def __post_init__(self):
-        role = default_role(self.transform) if self.role is None else self.role
-        if role not in ROLE_SCALE_POWER:
-            raise ValueError(f"role of parameter {self.name!r} must be one of "
-                             f"{list(ROLE_SCALE_POWER)}, got {role!r}")
-        object.__setattr__(self, "role", role)
-
-    @property
-    def scale_power(self) -> int:
-        """``k`` such that the natural value scales as ``s ** k`` when ``y`` scales by ``s``."""
-        return ROLE_SCALE_POWER[self.role]
-
-
-def default_role(transform: Transform) -> str:
-    """The role a transform implies: variance for ``exp(2x)`` / softplus, sd for ``exp(x)``,
-    correlation for a sigmoid (alone or in a chain), free otherwise."""
-    if isinstance(transform, (ExpPow2, Softplus)):
-        return "variance"
-    if isinstance(transform, Exp):
-        return "sd"
-    parts = transform.transforms if isinstance(transform, Chain) else [transform]
-    return "correlation" if any(isinstance(t, Sigmoid) for t in parts) else "free"
 
 
 class CovarianceFunction(torch.autograd.Function):
@@ -97,8 +53,10 @@ class CovarianceFunction(torch.autograd.Function):
         return module.to_free(module._vjp(nat, grad_output.to(nat.dtype)), free), None
 
 
-class CovarianceModule(nn.Module, abc.ABC):
-    """Base of all covariance structures and operators (see the module docstring)."""
+class CovarianceModule(ParameterRegistry, nn.Module, abc.ABC):
+    """Base of all covariance structures and operators (see the module docstring); its
+    parameter registry (names, values, ``fix`` / ``free``) is
+    :class:`~covmodules.params.ParameterRegistry`."""
 
     # ----------------------------------------------------------------- subclass interface
     @property
@@ -109,6 +67,10 @@ class CovarianceModule(nn.Module, abc.ABC):
     @abc.abstractmethod
     def _raw_tensors(self) -> list[torch.Tensor]:
         """The registered 0-d free-scale tensors (parameters or buffers), in flat order."""
+
+    @abc.abstractmethod
+    def _set_fixed(self, name: str, fixed: bool) -> None:
+        """Move parameter ``name`` between ``nn.Parameter`` and buffer."""
 
     @property
     @abc.abstractmethod
@@ -166,208 +128,7 @@ class CovarianceModule(nn.Module, abc.ABC):
         e.g. a Cholesky column ``l_j`` enters ``V`` as ``l_j l_jᵀ``. None by default."""
         return {}
 
-    # ------------------------------------------------------------------ parameter registry
-    # Every view reads one cached table (covmodules.params.ParamTable); what they return are
-    # copies, so a caller cannot change the table.
-    def _param_table(self) -> ParamTable:
-        """This module's :class:`~covmodules.params.ParamTable`, rebuilt once stale."""
-        table = self.__dict__.get("_param_table_cache")
-        if table is None or not table.current:
-            table = self.__dict__["_param_table_cache"] = ParamTable(self.param_specs)
-        return table
-
-    def add_module(self, name: str, module) -> None:
-        super().add_module(name, module)
-        ParamTable.specs_changed()              # a new operand: new specs
-
-    def __setattr__(self, name: str, value) -> None:
-        if isinstance(value, nn.Module):
-            ParamTable.specs_changed()
-        super().__setattr__(name, value)
-
-    @property
-    def param_names(self) -> list[str]:
-        return list(self._param_table().names)
-
-    @property
-    def free_param_names(self) -> list[str]:
-        return list(self._param_table().free_names)
-
-    @property
-    def fixed_param_names(self) -> list[str]:
-        return list(self._param_table().fixed_names)
-
-    @property
-    def free_param_index(self) -> list[int]:
-        return list(self._param_table().free_index)
-
-    @property
-    def fixed_param_index(self) -> list[int]:
-        return list(self._param_table().fixed_index)
-
-    @property
-    def param_defaults(self) -> torch.Tensor:
-        return self._param_table().defaults.clone()
-
-    @property
-    def free_param_defaults(self) -> torch.Tensor:
-        return self._param_table().free_defaults.clone()
-
-    @property
-    def fixed_param_defaults(self) -> torch.Tensor:
-        return self._param_table().fixed_defaults.clone()
-
-    @property
-    def param_trans(self) -> list[Transform]:
-        return list(self._param_table().trans)
-
-    @property
-    def free_param_trans(self) -> list[Transform]:
-        return list(self._param_table().free_trans)
-
-    @property
-    def fixed_param_trans(self) -> list[Transform]:
-        return list(self._param_table().fixed_trans)
-
-    @property
-    def free_param_roles(self) -> list[str]:
-        """The role of each free parameter (see :class:`ParamSpec`)."""
-        return list(self._param_table().free_roles)
-
-    @property
-    def num_params(self) -> int:
-        return len(self._param_table().specs)
-
-    @property
-    def num_free_params(self) -> int:
-        return len(self._param_table().free_index)
-
-    @property
-    def num_fixed_params(self) -> int:
-        return len(self._param_table().fixed_index)
-
-    # ------------------------------------------------------------ natural-scale get / set
-    def get_param(self, name: str) -> float:
-        """Natural-scale value of parameter ``name`` (free or fixed)."""
-        i = self._index_of(name)
-        raw = self._raw_tensors()[i].detach()
-        return float(self._param_table().trans[i].forward(raw))
-
-    def set_param(self, name: str, value: float) -> None:
-        """Set parameter ``name`` to the natural-scale ``value`` (e.g. ``sigma^2 = 2.5``)."""
-        i = self._index_of(name)
-        transform, raw = self._param_table().trans[i], self._raw_tensors()[i]
-        x = transform.inverse(torch.as_tensor(float(value), dtype=torch.float64))
-        if not torch.isfinite(x):
-            raise ValueError(f"value {value} is outside the domain of parameter {name!r}")
-        with torch.no_grad():
-            raw.copy_(x)
-
-    def set_params(self, values: dict[str, float]) -> None:
-        """Set several parameters by name on the natural scale."""
-        for name, value in values.items():
-            self.set_param(name, value)
-
-    @property
-    def params(self) -> dict[str, float]:
-        """All parameters by name on the natural scale."""
-        return {name: self.get_param(name) for name in self.param_names}
-
-    def fix(self, name: str, value: float | None = None) -> None:
-        """Fix parameter ``name`` (optionally at natural-scale ``value``); it becomes a buffer.
-
-        Build optimisers after fixing or freeing: one built before keeps the old tensor.
-        """
-        if value is not None:
-            self.set_param(name, value)
-        self._set_fixed(self._check_name(name), True)
-        ParamTable.specs_changed()
-
-    def free(self, name: str) -> None:
-        """Make a fixed parameter free again (an ``nn.Parameter``)."""
-        self._set_fixed(self._check_name(name), False)
-        ParamTable.specs_changed()
-
-    def free_params(self) -> torch.Tensor:
-        """The registered free parameters as a flat, detached free-scale tensor."""
-        return self._registered_free().detach()
-
-    def set_free_params(self, free_params) -> None:
-        """Set the registered free parameters from a flat free-scale tensor or a dict."""
-        free = self._check_free(free_params)
-        raws = self._raw_tensors()
-        with torch.no_grad():
-            for i, value in zip(self._param_table().free_index, free.detach().tolist()):
-                raws[i].fill_(value)
-
-    def reset_parameters(self) -> None:
-        """Set every parameter to its default."""
-        with torch.no_grad():
-            for raw, spec in zip(self._raw_tensors(), self._param_table().specs):
-                raw.fill_(spec.default)
-
-    @abc.abstractmethod
-    def _set_fixed(self, name: str, fixed: bool) -> None:
-        """Move parameter ``name`` between ``nn.Parameter`` and buffer."""
-
-    def _index_of(self, name: str) -> int:
-        return self._param_table().position[self._check_name(name)]
-
-    def _check_name(self, name: str) -> str:
-        if not isinstance(name, str):
-            raise TypeError(f"parameter name must be a str, got {type(name).__name__}")
-        if name not in self._param_table().position:
-            raise ValueError(f"unknown parameter {name!r}; valid names: {self.param_names}")
-        return name
-
     # ------------------------------------------------------------------ flat <-> natural
-    def _registered_free(self) -> torch.Tensor:
-        raws = self._raw_tensors()
-        free = [raws[i] for i in self._param_table().free_index]
-        if not free:
-            return torch.zeros(0, dtype=self._dtype(), device=self._device())
-        return torch.stack(free)
-
-    def _dtype(self) -> torch.dtype:
-        raws = self._raw_tensors()
-        return raws[0].dtype if raws else _buffer_dtype(self)
-
-    def _device(self) -> torch.device:
-        raws = self._raw_tensors()
-        return raws[0].device if raws else _buffer_device(self)
-
-    def _check_free(self, free_params) -> torch.Tensor:
-        names = self._param_table().free_names
-        if isinstance(free_params, dict):
-            unknown = [k for k in free_params if k not in names]
-            missing = [k for k in names if k not in free_params]
-            if unknown or missing:
-                raise ValueError(
-                    f"free_params dict: unknown names {unknown}, missing names {missing}; "
-                    f"valid free parameter names: {names}")
-            values = [torch.as_tensor(free_params[k]) for k in names]
-            if any(v.numel() != 1 for v in values):
-                raise ValueError("free_params dict values must be scalars")
-            dtype = values[0].dtype if values and values[0].is_floating_point() else self._dtype()
-            free = (torch.stack([v.reshape(()).to(dtype) for v in values]) if values
-                    else torch.zeros(0, dtype=dtype))
-        elif isinstance(free_params, torch.Tensor):
-            free = free_params
-            if free.dim() != 1:
-                raise ValueError(f"free_params must be a 1-D tensor, got shape {tuple(free.shape)}")
-            if free.numel() != len(names):
-                raise ValueError(f"expected {len(names)} free parameters, got {free.numel()}")
-            if not free.is_floating_point():
-                raise TypeError(f"free_params must be a floating-point tensor, got {free.dtype}")
-        else:
-            raise TypeError("free_params must be a torch.Tensor or a dict of name -> value, "
-                            f"got {type(free_params).__name__}")
-        if not bool(torch.isfinite(free).all()):
-            finite = torch.isfinite(free.detach()).tolist()
-            bad = [n for n, ok in zip(names, finite) if not ok]
-            raise ValueError(f"free_params contains NaN or inf for {bad}")
-        return free
-
     def _full_raw(self, free: torch.Tensor) -> torch.Tensor:
         """All parameters on the free scale: ``free`` merged with the fixed buffers."""
         table = self._param_table()
@@ -549,19 +310,6 @@ def _by_transform(x: torch.Tensor, transforms: list[Transform], method: str) -> 
 def _fingerprint(params: torch.Tensor):
     data = params.detach().cpu().contiguous().numpy().tobytes()
     return (params.dtype, params.device, hashlib.blake2b(data, digest_size=16).digest())
-
-
-def _buffer_dtype(module: nn.Module) -> torch.dtype:
-    for b in module.buffers():
-        if b.is_floating_point():
-            return b.dtype
-    return torch.float64
-
-
-def _buffer_device(module: nn.Module) -> torch.device:
-    for b in module.buffers():
-        return b.device
-    return torch.device("cpu")
 
 
 class Structure(CovarianceModule):
