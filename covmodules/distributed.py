@@ -1,7 +1,7 @@
 r"""Exact REML over data split into shards of whole groups: batches and processes (DDP).
 
-With ``V`` block diagonal over groups, every REML quantity is a sum over groups (DESIGN.md,
-"Data parallel REML"). A *shard* is the data of some whole groups with its own covariance
+With ``V`` block diagonal over groups, every REML quantity is a sum over groups (the
+:class:`~covmodules.linalg.statistics.GLSStatistics` of the shards add up). A *shard* is the data of some whole groups with its own covariance
 module (built for those rows, with the same parameter names as every other shard). Each
 process holds one or more shards (its batches); with ``torch.distributed`` initialised the
 sums are all-reduced, so every process holds the exact full-data quantities:

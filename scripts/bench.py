@@ -4,8 +4,8 @@ Each (case, solver) is fitted by AI-REML in a fresh subprocess (so peak memory i
 the fit time is the median of 3 fits when one takes under 2 s, else a single fit (R's rule in
 ``scale_reference.json`` with a lower threshold), model building excluded and shown apart.
 Columns: ``× dense`` is dense fit time / this fit time (same run), ``× R`` is R's time / this
-time. R times are the anchors in ``../shared/oracle/scale_reference.json`` (R 4.2.2, 2 cores,
-single-threaded reference BLAS); when ``Rscript`` with lme4 and nlme is on PATH, cases i and ii
+time. R times are the anchors in the oracle's ``scale_reference.json`` (``--oracle``; R 4.2.2,
+2 cores, single-threaded reference BLAS); when ``Rscript`` with lme4 and nlme is on PATH, cases i and ii
 are also timed live in the same run (iv_a needs nlme's hand-written corStruct from the oracle's
 helpers.R, which is not shipped, so it stays an anchor). Dense is skipped where ``n³/3`` makes
 it impractical (n > 5000). Targets (issue 5): iv_a <= 0.5 s; 100x100 field <= 5 s; 300x300

@@ -13,7 +13,7 @@ one is applied as a mask within the block). The pieces' own parameters are share
 
 Blocks of equal size are stacked and factorised by one batched Cholesky
 (``V_g = L_g L_gᵀ``, bucketed by size), so one evaluation costs ``Σ_g n_g³/3`` and every REML
-quantity is a sum over groups (DESIGN.md, "Data parallel REML"):
+quantity is a sum over groups (:mod:`covmodules.linalg.statistics`):
 
 .. math:: \log|V| = \sum_g \log|V_g|, \quad X^T V^{-1} X = \sum_g X_g^T V_g^{-1} X_g, \quad
           y^T V^{-1} y = \sum_g y_g^T V_g^{-1} y_g .
