@@ -27,7 +27,6 @@ position ``t``: :math:`f(x) + \sum_j S[t, p_j] (V_g^{-1} r_g)_j`.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
@@ -154,7 +153,7 @@ class GroupedCovariance(CovarianceLayer):
 
     def _model(self, codes, pos) -> CovarianceModule:
         """``Grouped(within) (+ σ² I)`` of checked codes and positions, at the layer's values."""
-        model = Grouped(copy.deepcopy(self.within), groups=codes, positions=pos)
+        model = Grouped(self._copy(self.within), groups=codes, positions=pos)
         if self.nugget is not None:
             model = Sum(within=model, nugget=ScalarMatrix(codes.shape[0]))
         return self._mirror(model)
