@@ -479,3 +479,22 @@ def test_lightning_config_trains_and_logs_to_tensorboard(tmp_path):
     metrics = cli.trainer.logged_metrics
     assert {"nll", "val_mse", "sigma2/intercept", "sigma2/residual"} <= set(metrics)
     assert list(tmp_path.rglob("events.out.tfevents.*"))
+
+
+def test_fixing_and_freeing_a_layer_parameter_reaches_every_batch():
+    """The batch models reuse one float64 copy of the layer's structure; its fixed flags and
+    values follow the layer's at every batch."""
+    g = torch.Generator().manual_seed(4)
+    layer = GroupedCovariance(AR1Matrix(4), num_levels=5)
+    groups = torch.arange(20) // 4
+    y = torch.randn(20, generator=g, dtype=torch.float64)
+    mean = torch.zeros(20, dtype=torch.float64)
+    free = layer.nll(y, mean, groups)
+    layer.within.fix("rho", 0.5)
+    fixed = layer.nll(y, mean, groups)
+    layer.within.free("rho")
+    layer.within.set_param("rho", 0.0)
+    assert float(layer.nll(y, mean, groups)) == pytest.approx(float(free), rel=1e-14)
+    assert float(fixed) != pytest.approx(float(free), rel=1e-6)
+    dense = gaussian_nll(layer.batch_model(groups), y, mean)
+    assert float(layer.nll(y, mean, groups)) == pytest.approx(float(dense), rel=1e-12)
