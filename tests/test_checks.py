@@ -2,7 +2,6 @@
 of X on the whole data's decision, refuses degenerate designs (lme4's checks, each of which
 ``Checks`` turns off) and exactly singular V, and handles p = 0 and odd dtypes."""
 
-import socket
 import warnings
 
 import lightning as L
@@ -18,12 +17,13 @@ from covmodules import (AR1Matrix, BlockDesignMatrix, CAR1Matrix, DesignMatrix,
                         KroneckerProduct, MixedModel, RandomIntercept, ScalarMatrix, Sum,
                         UnconstrainedMatrix, fit)
 from covmodules.checks import Checks, identical_rows
-from covmodules.design import drop_aliased, fixed_design, independent_columns, random_design
+from covmodules.design import drop_aliased, independent_columns, random_design
 from covmodules.distributed import ShardedREML
 from covmodules.linalg import NotPositiveDefiniteError
 from covmodules.linalg.dense import cholesky
 from covmodules.reml import REML
 from training import MixedModelDataModule, REMLModule
+from gloo import free_port, join
 
 DT = torch.float64
 SLEEP = pd.read_csv("tests/data/sleepstudy.csv", dtype={"Subject": str})
@@ -423,16 +423,8 @@ def test_data_on_the_cpu_follow_a_model_on_the_gpu():
 
 
 # ------------------------------------------------------------------ two gloo processes
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank, world, port, out_file):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)
+    join(rank, world, port)
     X = aliased_sleep_x()
     shards = sleep_shards(X)
     mine = shards[:1] if rank == 0 else shards[1:]
@@ -456,7 +448,7 @@ def _worker(rank, world, port, out_file):
 
 def test_two_processes_drop_the_same_columns_and_fail_together(tmp_path):
     out_file = str(tmp_path / "out")
-    mp.spawn(_worker, args=(2, _free_port(), out_file), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), out_file), nprocs=2, join=True)
     ranks = [torch.load(f"{out_file}.{rank}") for rank in range(2)]
     for r in ranks:
         assert r["dropped"] == ["2*Days"]

@@ -3,7 +3,6 @@ fit exactly what one process fits (AI-REML, LBFGS, Adam) and resume from a check
 in one process predict exactly; shards keep the whole data's structure."""
 
 import os
-import socket
 import warnings
 from types import SimpleNamespace
 
@@ -19,6 +18,7 @@ from covmodules import fit
 from covmodules.specs import ModelSpec, SpecError
 from training import MixedModelDataModule, REMLModule
 from training.data import GroupSampler
+from gloo import free_port
 
 SPEC = {"response": "y", "fixed": ["t"], "random": {"subject": {"group": "subject"}},
         "residual": {"structure": "ar1", "subject": "subject"}}
@@ -86,12 +86,6 @@ def _worker(rank, world, port, path, out):
     results["resumed"] = lightning_fit(path, "ai", world, 3, checkpoints=checkpoints,
                                        ckpt_path=f"{checkpoints}/last.ckpt")
     torch.save(results, f"{out}.{rank}")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_ddp_processes_equal_the_single_process_fit(tmp_path):

@@ -1,7 +1,6 @@
 """Data-parallel REML: sharded over batches and over 2 gloo processes, exact."""
 
 import contextlib
-import socket
 import warnings
 
 import pytest
@@ -12,6 +11,7 @@ import torch.multiprocessing as mp
 from covmodules import (AR1Matrix, Grouped, IdentityMatrix, KroneckerProduct, MixedModel,
                         UnconstrainedMatrix, fit)
 from covmodules.distributed import ShardedREML
+from gloo import free_port, join
 
 DT = torch.float64
 SIZES = [4, 6, 5, 7, 4, 5, 6, 3, 5, 6, 7, 4, 5, 6, 4, 5, 3, 6, 5, 4]     # 20 subjects
@@ -81,16 +81,8 @@ def test_single_shard_equals_the_unsharded_grouped_objective():
     assert sharded.residual_variance() == pytest.approx(reference.residual_variance(), rel=1e-12)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank, world, port, out_file):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)
+    join(rank, world, port)
     # uneven: rank 0 holds 7 subjects in one batch, rank 1 holds 13 in two batches
     sets = [[list(range(7))], [list(range(7, 12)), list(range(12, 20))]][rank]
     results = {}
@@ -108,7 +100,7 @@ def _worker(rank, world, port, out_file):
 
 def test_two_gloo_processes_equal_the_single_process_fit(tmp_path):
     out_file = str(tmp_path / "results.pt")
-    mp.spawn(_worker, args=(2, _free_port(), out_file), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), out_file), nprocs=2, join=True)
     results = torch.load(out_file)
     for method, kwargs in (("ai", {}), ("lbfgs", {}), ("adam", {"max_iter": 60})):
         with pytest.warns(UserWarning) if method == "adam" else contextlib.nullcontext():

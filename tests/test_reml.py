@@ -1,7 +1,6 @@
 """REML engine: losses, gradients, AI matrix, estimates and bad input, against dense references."""
 
 import math
-import warnings
 
 import numpy as np
 import pytest

@@ -17,9 +17,8 @@ from covmodules import (AR1Matrix, CompoundSymmetricMatrix, DesignMatrix, Diagon
                         EqualEntryMatrix, Grouped, IdentityMatrix, KroneckerProduct,
                         MixedModel, ScalarMatrix, Sum, UnconstrainedMatrix, fit)
 from covmodules.design import fixed_design, positions_within_group
-from covmodules.linalg import (SOLVERS, DenseSolver, GroupedSolver, KroneckerSolver,
-                               applicable_solvers,
-                               NotPositiveDefiniteError, complete_grid, identify, select_solver)
+from covmodules.linalg import (SOLVERS, DenseSolver, KroneckerSolver, NotPositiveDefiniteError,
+                               applicable_solvers, complete_grid, identify, select_solver)
 from covmodules.linalg.dense import NegLogLikFunction, cotangent_v, factorize
 from covmodules.linalg.woodbury import root
 from covmodules.reml import REML
