@@ -102,8 +102,8 @@ class CovarianceLayer(nn.Module, abc.ABC):
     batch that holds only part of a group raises ``ValueError`` in training mode.
 
     A subclass says what indexes a batch (:meth:`_index`: group codes and positions, or
-    features), how to store BLUP weights (:meth:`_store`) and either the batch's solver
-    (:meth:`_solver`) or its own ``-l`` (:meth:`_neg_loglik`) and ``V⁻¹ r`` (:meth:`_solve`).
+    features), the batch's ``-l`` (:meth:`_neg_loglik`: the solver's :func:`ml_loss`, or a
+    closed form) and how to store BLUP weights (:meth:`_store`).
     """
 
     num_levels: int
@@ -134,22 +134,13 @@ class CovarianceLayer(nn.Module, abc.ABC):
 
     @abc.abstractmethod
     def _store(self, r: torch.Tensor, *index) -> torch.Tensor:
-        """Store the BLUP weights of the training residuals ``r`` (from :meth:`_solve`'s
-        ``V⁻¹ r``, or in closed form); return them."""
+        """Store the BLUP weights of the training residuals ``r`` (from ``V⁻¹ r``); return
+        them."""
 
-    def _solver(self, *index) -> Solver:
-        """The solver of the batch's ``V``."""
-        raise NotImplementedError(f"{type(self).__name__} computes its loss in closed form")
-
+    @abc.abstractmethod
     def _neg_loglik(self, r: torch.Tensor, *index) -> torch.Tensor:
-        """``-l`` of the batch's residuals ``r``, differentiable in the parameters and ``r``."""
-        return ml_loss(self._solver(*index), self._free64(), r)
-
-    def _solve(self, r: torch.Tensor, *index) -> torch.Tensor:
-        """``V⁻¹ r`` of the batch (the solver's ``P y`` without fixed effects; no autograd)."""
-        state = self._solver(*index).state(self._free64().detach(), r, r.new_zeros(r.shape[0], 0),
-                                           "ml")
-        return state.Py
+        """``-l`` of the batch's residuals ``r``, differentiable in the parameters and ``r``
+        (:func:`ml_loss` of the batch's solver, or a closed form)."""
 
     # ------------------------------------------------------------- owned covariances
     def covariances(self) -> dict[str, CovarianceModule]:

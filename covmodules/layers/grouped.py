@@ -42,7 +42,7 @@ from ..operators.kronecker import KroneckerProduct
 from ..operators.sum import Sum
 from ..structures.scalar import ScalarMatrix
 from ..validation import as_data
-from .base import CovarianceLayer, integers, matrix64
+from .base import CovarianceLayer, integers, matrix64, ml_loss
 
 __all__ = ["GroupedCovariance", "KroneckerCovariance"]
 
@@ -160,6 +160,14 @@ class GroupedCovariance(CovarianceLayer):
 
     def _solver(self, codes, pos):
         return GroupedSolver(self._model(codes, pos))
+
+    def _neg_loglik(self, r, codes, pos):
+        return ml_loss(self._solver(codes, pos), self._free64(), r)
+
+    def _solve(self, r, codes, pos):
+        """``V⁻¹ r`` of the batch (the solver's ``P y`` without fixed effects; no autograd)."""
+        free = self._free64().detach()
+        return self._solver(codes, pos).state(free, r, r.new_zeros(r.shape[0], 0), "ml").Py
 
     def _store(self, r, codes, pos):
         alpha = self._solve(r, codes, pos)
