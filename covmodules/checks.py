@@ -44,7 +44,6 @@ import torch
 from .base import CovarianceModule
 from .design import independent_columns
 from .linalg.base import additive_pieces
-from .linalg.grouped import _term_structure
 from .model import MixedModel
 from .operators.block_diagonal import BlockDiagonal
 from .operators.gram import Gram
@@ -293,8 +292,8 @@ def _groupings(model) -> list[_Grouping]:
 
 def _term_levels(model: MixedModel, name: str, G) -> tuple[int, int]:
     """Random effects per level and the number of levels with rows of term ``name``."""
-    terms, S = model.terms.get(name), _term_structure(G)
-    k = len(terms) if terms else (S.shape[0] if S is not None else 1)
+    terms, block = model.terms.get(name), G.repeated_block_view()
+    k = len(terms) if terms else (block.block.shape[0] if block is not None else 1)
     rows = model.term_groups(name, k)
     if rows is None:                     # no block pattern: each column is a level
         return 1, int((model.design(name) != 0).any(0).sum())

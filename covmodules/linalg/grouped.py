@@ -72,12 +72,6 @@ class _Rows:
     mask: torch.Tensor | None
 
 
-def _term_structure(G):
-    """``S`` with ``G = I_L ⊗ S`` (``G``'s repeated block), or ``None``."""
-    view = G.repeated_block_view()
-    return None if view is None else view.block
-
-
 class GroupedFactor(Factor):
     """Batched Cholesky factors ``L_g`` of the blocks, one stack per block size."""
 
@@ -134,7 +128,8 @@ class GroupedSolver(Solver):
     @staticmethod
     def _piece(model, name, module, offset) -> _Piece:
         if name is not None:
-            S = _term_structure(module)
+            view = module.repeated_block_view()
+            S = None if view is None else view.block
             rows = None if S is None else model.term_groups(name, S.shape[0])
             if rows is None:
                 raise UnsupportedStructure(
