@@ -128,6 +128,12 @@ class CovarianceModule(ParameterRegistry, nn.Module, abc.ABC):
         e.g. a Cholesky column ``l_j`` enters ``V`` as ``l_j l_jᵀ``. None by default."""
         return {}
 
+    def natural_scale(self, nat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Natural-scale summaries of a structure whose parameters are not variances and
+        correlations (a Cholesky factor, loadings): ``{name: value}`` at natural parameters
+        ``nat``, differentiable; empty by default. See :mod:`covmodules.natural`."""
+        return {}
+
     # ------------------------------------------------------------------ flat <-> natural
     def _full_raw(self, free: torch.Tensor) -> torch.Tensor:
         """All parameters on the free scale: ``free`` merged with the fixed buffers."""

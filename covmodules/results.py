@@ -9,8 +9,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from . import inference
 from .base import CovarianceModule
 from .model import MixedModel
+from .natural import natural_params, natural_table
 from .operators import Grouped, KroneckerProduct, Sum
 from .reml import REML
 
@@ -35,6 +37,7 @@ class FitResult:
     boundary: list[str] = field(default_factory=list)
     history: list[dict] = field(default_factory=list)
     unidentified: list[str] = field(default_factory=list)
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     # ---------------------------------------------------------------- likelihood
     @property
@@ -75,9 +78,11 @@ class FitResult:
     # ---------------------------------------------------------- covariance params
     @property
     def params(self) -> dict[str, float]:
-        """Every covariance parameter by hierarchical name, on the natural scale."""
-        nat = self.model.build_params(self.free)
-        return dict(zip(self.model.param_names, nat.tolist()))
+        """Every covariance parameter by hierarchical name, on the natural scale, then the
+        variances ``sigma^2[i]``, SDs ``sd[i]`` and correlations ``rho[i,j]`` of each
+        structure estimated through a Cholesky factor or loadings (an unstructured ``G``:
+        ``Subject/terms/rho[1,0]``), see :mod:`covmodules.natural`."""
+        return natural_params(self.model, self.free)
 
     @property
     def param_cov(self) -> np.ndarray:
@@ -99,8 +104,12 @@ class FitResult:
         se = d * np.sqrt(np.clip(np.diag(self.param_cov), 0, None))
         return dict(zip(self.model.free_param_names, se.tolist()))
 
-    def param_table(self) -> pd.DataFrame:
-        """Free covariance parameters: estimate, standard error, boundary flag."""
+    def param_table(self, raw: bool = False) -> pd.DataFrame:
+        """Free covariance parameters on the natural scale: estimate, standard error (delta
+        method), boundary flag. An unstructured ``G`` shows its variances, SDs and
+        correlations; ``raw=True`` shows the estimated parameters themselves (``L[i,j]``)."""
+        if not raw:
+            return natural_table(self.model, self.free, self.param_cov, self.boundary)
         se = self.std_errors
         rows = [(name, self.params[name], se[name], name in self.boundary)
                 for name in self.model.free_param_names]
@@ -110,18 +119,47 @@ class FitResult:
     # -------------------------------------------------------------- fixed effects
     @property
     def fixed_effects(self) -> pd.DataFrame:
-        """GLS estimates with standard errors, z values and two-sided normal p-values."""
-        beta = self.state.beta.cpu().numpy()
-        se = np.sqrt(np.diag(self.state.cov_beta.cpu().numpy()))
-        z = beta / se
-        p = np.array([math.erfc(abs(v) / math.sqrt(2)) for v in z])
-        return pd.DataFrame({"estimate": beta, "std_error": se, "z": z, "p_value": p},
-                            index=pd.Index(self.objective.x_names, name="term"))
+        """lmerTest's table: GLS estimates, standard errors, Satterthwaite degrees of
+        freedom ``df``, ``t`` values and two-sided p-values (``t`` distribution with ``df``;
+        see :func:`covmodules.inference.satterthwaite`)."""
+        if "t_tests" not in self._cache:
+            self._cache["t_tests"] = inference.t_tests(self)
+        return self._cache["t_tests"].copy()
 
-    def random_effects(self) -> pd.DataFrame:
+    def confint(self, method: str = "profile", level: float = 0.95, **kwargs) -> pd.DataFrame:
+        """Confidence intervals as lme4's ``confint``: ``"profile"`` (default) the
+        likelihood-ratio intervals of the SDs, correlations and fixed effects from the
+        profile of the *ML* deviance, as lme4 does also for a REML fit (which is refitted by
+        ML first; see :func:`covmodules.profile.profile_confint`, whose keywords pass
+        through); ``"wald"`` ``β̂ ± z SE`` of the fixed effects."""
+        level = inference.check_level(level)
+        if method == "wald":
+            return inference.wald_confint(self, level)
+        if method == "profile":
+            from .profile import profile_confint
+            return profile_confint(self, level, **kwargs)
+        raise ValueError(f"method must be 'profile' or 'wald', got {method!r}")
+
+    def varcorr(self) -> pd.DataFrame:
+        """Variances, SDs and correlations of every random term and the residual
+        (lme4's ``as.data.frame(VarCorr(fit))``; :func:`covmodules.inference.varcorr`)."""
+        return inference.varcorr(self)
+
+    def ranef(self, condvar: bool = True) -> pd.DataFrame:
+        """BLUPs by term and level with their conditional SDs (lme4's ``ranef(fit, condVar =
+        TRUE)``; :func:`covmodules.inference.ranef`)."""
+        return inference.ranef(self, condvar)
+
+    def simulate(self, nsim: int = 1, seed: int | None = None) -> pd.DataFrame:
+        """``nsim`` responses simulated from the fit, new random effects and residuals in
+        each (lme4's ``simulate``; :func:`covmodules.inference.simulate`)."""
+        return inference.simulate(self, nsim, seed)
+
+    def random_effects(self, residual: bool = False) -> pd.DataFrame:
         """lme4's "Random effects" table: per term, the variance, standard deviation and
         correlations of the effects of one level (the leading ``len(terms)`` block of ``G``,
-        see :func:`term_covariances`; ``G`` itself is not formed)."""
+        see :func:`term_covariances`; ``G`` itself is not formed); with ``residual`` the
+        ``Residual`` row too (the summary shows it)."""
         model = self.model
         if not isinstance(model, MixedModel):
             return pd.DataFrame(columns=["group", "name", "variance", "std_dev"])
@@ -137,6 +175,10 @@ class FitResult:
                            "std_dev": float(sd[i])}
                     row.update({f"corr {terms[j]}": float(corr[i, j]) for j in range(i)})
                     rows.append(row)
+        if residual:
+            var = inference.residual_variance(model)
+            rows.append({"group": "Residual", "name": "", "variance": var,
+                         "std_dev": math.sqrt(max(var, 0.0))})
         return pd.DataFrame(rows)
 
     # -------------------------------------------------------- BLUPs, predictions
@@ -193,12 +235,13 @@ class FitResult:
                          f"{', '.join(self.unidentified)}")
         if self.objective.dropped:
             lines.append(f"  dropped aliased fixed-effect columns: {self.objective.dropped}")
-        random = self.random_effects()
+        random = self.random_effects(residual=True)
         if len(random):
             lines += ["", "Random effects:",
                       random.to_string(index=False, float_format=_fmt, na_rep="")]
         lines += ["", "Covariance parameters:", self.param_table().to_string(float_format=_fmt)]
-        lines += ["", "Fixed effects:", self.fixed_effects.to_string(float_format=_fmt)]
+        lines += ["", "Fixed effects:", self.fixed_effects.to_string(
+            float_format=_fmt, formatters={"p_value": inference.format_pvalue})]
         return "\n".join(lines)
 
     def __str__(self) -> str:

@@ -42,9 +42,11 @@ PARAMETERLESS = {"IdentityMatrix", "FixedMatrix", "DesignMatrix", "BlockDesignMa
 #: docstrings: variances (``sigma^2``, ``psi``) scale as ``s²``, Cholesky / loading entries
 #: (``L[i,j]`` of UnconstrainedMatrix and LowerTriangularMatrix, ``lambda[i,j]``) as ``s``,
 #: correlations and MA coefficients (``rho``, ``phi``, ``theta[k]``, SimpleMatrix's ``c``) not
-#: at all. A fixed parameter never moves.
+#: at all; the natural-scale summaries of a Cholesky / factor structure (``sigma^2[i]``,
+#: ``sd[i]``, ``rho[i,j]``, see covmodules.natural) as variances, SDs and correlations. A
+#: fixed parameter never moves.
 SCALE_POWER = {"sigma^2": 2, "psi": 2, "L": 1, "lambda": 1, "rho": 0, "phi": 0, "theta": 0,
-               "c": 0}
+               "c": 0, "sd": 1}
 
 
 def scale_power(name: str) -> int:

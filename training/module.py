@@ -22,7 +22,9 @@ gradient averaging (the loss's backward returns ``world_size ×`` the local shar
 values and BLUPs come per batch, in one process (:meth:`REMLModule.predict_step`).
 
 Logged per step: ``loss``, ``loglik``, ``grad_norm`` (the largest absolute gradient at the
-start of the step), ``param/<name>`` on the natural scale and, for AI-REML, ``ai/step``,
+start of the step), ``param/<name>`` on the natural scale (an unstructured ``G`` also as
+``sigma^2[i]``, ``sd[i]``, ``rho[i,j]``; checkpoints hold them as ``params``) and, for
+AI-REML, ``ai/step``,
 ``ai/halvings`` and ``ai/decrement``; at the end (and every ``image_every_n_epochs``):
 heatmaps of the ``k × k`` covariance of one level of each random term, of the leaf
 covariances of the residual and of the top-left block of ``V`` (none forms ``G`` or ``V``),
@@ -50,6 +52,7 @@ from covmodules.checks import Checks
 from covmodules.distributed import ShardedREML, world_size
 from covmodules.fitting import (METHODS, OPTIMIZERS, fit_result, free_parameters,
                                 loss_converged, start_values, torch_optimizer)
+from covmodules.natural import natural_params
 from covmodules.reml import REML
 from covmodules.results import FitResult
 from covmodules.specs import Problem, SpecError
@@ -279,7 +282,7 @@ class REMLModule(L.LightningModule):
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         if self.automatic_optimization:
             self.log("grad_norm", _f64(self._step.get("grad_norm", 0.0)), **_EPOCH)
-        for name, value in self.covariance.params.items():
+        for name, value in natural_params(self.covariance).items():
             self.log(f"param/{name}", _f64(value), **_EPOCH)
 
     def on_train_epoch_end(self) -> None:
@@ -421,6 +424,7 @@ class REMLModule(L.LightningModule):
         if ai is not None:
             self.run.ai = ai.state_dict()
         checkpoint["reml"] = self.run.state_dict()
+        checkpoint["params"] = natural_params(self.covariance)     # natural scale, by name
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if self.covariance is None:

@@ -14,6 +14,7 @@ with :math:`\boldsymbol{\Lambda}` ``n x k`` lower trapezoidal (:math:`\lambda_{i
 import torch
 
 from ..base import Structure
+from ..natural import covariance_summary
 from ..transforms import ExpPow2, Identity
 from ..validation import check_size
 from ._triangular import (fill, index_tensors, outer_dv_matmul, outer_jacobian, outer_vjp,
@@ -66,6 +67,10 @@ class FactorAnalyticMatrix(Structure):
     def _evaluate(self, nat):
         loadings, psi, _, _ = self._parts(nat)
         return loadings @ loadings.T + torch.diag(psi)
+
+    def natural_scale(self, nat):
+        """Variances ``sigma^2[i]``, SDs ``sd[i]`` and correlations ``rho[i,j]`` of ``V``."""
+        return covariance_summary(self._evaluate(nat))
 
     def _jacobian(self, nat):
         loadings, psi, rows, cols = self._parts(nat)

@@ -15,6 +15,7 @@ order): ``L[0,0], L[1,0], ..., L[n-1,0], L[1,1], ...``.
 import torch
 
 from ..base import Structure
+from ..natural import covariance_summary
 from ..transforms import Exp, Identity
 from ..validation import as_matrix, check_size
 from ._triangular import (fill, index_tensors, outer_dv_matmul, outer_jacobian, outer_vjp,
@@ -79,6 +80,10 @@ class UnconstrainedMatrix(Structure):
     def _dv_matmul(self, nat, W, transpose=False):
         L, rows, cols = self._factor(nat)
         return outer_dv_matmul(L, W, rows, cols)
+
+    def natural_scale(self, nat):
+        """Variances ``sigma^2[i]``, SDs ``sd[i]`` and correlations ``rho[i,j]`` of ``V``."""
+        return covariance_summary(self._evaluate(nat))
 
     def covariance(self) -> torch.Tensor:
         """``V`` at the registered parameters (natural scale, detached)."""
