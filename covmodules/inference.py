@@ -13,6 +13,12 @@ Each function takes a :class:`~covmodules.results.FitResult` (its methods call t
   gradient);
 - :func:`wald_confint`, :func:`anova` (refits REML fits by ML first), :func:`simulate`;
 - :func:`format_pvalue`: R's ``format.pval`` (``< 2e-16``).
+
+Example::
+
+    >>> from covmodules.inference import format_pvalue
+    >>> format_pvalue(4.5e-297), format_pvalue(0.0123456)
+    ('< 2e-16', '0.01235')
 """
 
 from __future__ import annotations
@@ -58,8 +64,9 @@ def residual_variance(model) -> float:
 
 def varcorr(result) -> pd.DataFrame:
     """Per random term the variances (``name2`` empty) and covariances with correlations
-    of the effects of one level (``name1`` the earlier term), then the ``Residual`` row: columns ``group``, ``name1``,
-    ``name2``, ``variance`` (a covariance on off-diagonal rows), ``std_dev``, ``corr``."""
+    of the effects of one level (``name1`` the earlier term), then the ``Residual`` row:
+    columns ``group``, ``name1``, ``name2``, ``variance`` (a covariance on off-diagonal
+    rows), ``std_dev``, ``corr``."""
     from .model import MixedModel
     from .results import term_covariances, term_labels
     model, rows = result.model, []
@@ -173,14 +180,17 @@ def satterthwaite(result) -> np.ndarray:
     if not active or p == 0:
         return np.full(p, np.inf)
     free = result.free.detach().to(torch.float64).clone().requires_grad_(True)
-    C = _free_cov_beta(result, free)
+    var = _free_cov_beta(result, free).diagonal()
+    g = _jacobian(var, free)[:, active]
     A = torch.linalg.inv(_hessian(result, active))
-    df = np.empty(p)
-    for j in range(p):
-        (g,) = torch.autograd.grad(C[j, j], free, retain_graph=j < p - 1)
-        g = g.detach().to(torch.float64).cpu()[active]
-        df[j] = float(2 * C[j, j].detach() ** 2 / (g @ A @ g))
-    return df
+    return (2 * var.detach().cpu() ** 2 / torch.einsum("jk,kl,jl->j", g, A, g)).numpy()
+
+
+def _jacobian(out: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
+    """``∂out/∂inp`` by reverse-mode autograd, one backward pass per output."""
+    rows = [torch.autograd.grad(o, inp, retain_graph=i < out.numel() - 1)[0]
+            for i, o in enumerate(out)]
+    return torch.stack(rows).detach().to(torch.float64).cpu()
 
 
 def t_tests(result) -> pd.DataFrame:

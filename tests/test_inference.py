@@ -304,3 +304,29 @@ def test_simulate_from_a_model_without_random_terms():
                                  5 * np.sqrt(2 / 3000) * V[0, 0])
     with pytest.raises(ValueError, match="nsim must be a positive integer"):
         r.simulate(0)
+
+
+def test_tensorboard_and_checkpoints_show_the_natural_scale(tmp_path, one_thread):
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from training import REMLModule
+
+    model, y, X, names = build("sleep_corr")
+    module = REMLModule(model, y, X, names)
+    logger = TensorBoardLogger(tmp_path, name="tb", default_hp_metric=False)
+    L.Trainer(default_root_dir=tmp_path, max_epochs=50, logger=logger,
+              callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)],
+              enable_progress_bar=False, enable_model_summary=False,
+              accelerator="cpu", log_every_n_steps=1).fit(module)
+    events = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0})
+    events.Reload()
+    params = module.result.params
+    for name in ["Subject/terms/sigma^2[0]", "Subject/terms/sd[1]", "Subject/terms/rho[1,0]",
+                 "Subject/terms/L[1,0]", "residual/sigma^2"]:
+        assert events.Scalars(f"param/{name}")[-1].value == pytest.approx(params[name])
+    assert params["Subject/terms/rho[1,0]"] == pytest.approx(
+        MODELS["sleep_corr"]["varcorr"]["sdcor"][2], rel=1e-4)
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["params"]
+    assert saved == pytest.approx(params)
