@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import math
 import sys
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -141,13 +142,34 @@ def _condsd(result, name: str, k: int, max_entries: int = 4_000_000) -> np.ndarr
 
 
 # -------------------------------------------------------------------- Satterthwaite df
-def _free_cov_beta(result, free: torch.Tensor) -> torch.Tensor:
-    """``(XᵀV⁻¹X)⁻¹`` at free-scale ``free``, differentiable (the solver's factorisation)."""
+def _free_cov_beta(result, free: torch.Tensor, solver) -> torch.Tensor:
+    """``(XᵀV⁻¹X)⁻¹`` at free-scale ``free``, differentiable (``solver``'s factorisation)."""
     objective = result.objective
     nat = objective.model.build_params(free)
-    factor = objective.solver.factorize(nat)
+    factor = solver.factorize(nat)
     Xw = factor.whiten(objective.X.to(nat))
     return torch.linalg.inv(factor.inner(Xw, Xw))
+
+
+def _var_beta_jacobian(result, active: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``Var(β̂_j)`` and its derivatives in the active free parameters, by autograd through
+    the fit's solver, or through the next cheapest applicable one (the dense one at last)
+    where the fit's solver works in place in a way autograd cannot differentiate."""
+    from .linalg import applicable_solvers
+    objective = result.objective
+    own = objective.solver
+    others = sorted((s for s in applicable_solvers(objective.model) if s.name != own.name),
+                    key=lambda s: s.cost)
+    for solver in [own, *others]:
+        free = result.free.detach().to(torch.float64).clone().requires_grad_(True)
+        try:
+            with warnings.catch_warnings():      # a solver may read a float off a parameter
+                warnings.filterwarnings("ignore", "Converting a tensor with requires_grad")
+                var = _free_cov_beta(result, free, solver).diagonal()
+            return var.detach().cpu(), _jacobian(var, free)[:, active]
+        except RuntimeError:
+            if solver is (others or [own])[-1]:
+                raise
 
 
 def _hessian(result, active: list[int]) -> torch.Tensor:
@@ -179,11 +201,9 @@ def satterthwaite(result) -> np.ndarray:
     active = [i for i, n in enumerate(objective.model.free_param_names) if n not in excluded]
     if not active or p == 0:
         return np.full(p, np.inf)
-    free = result.free.detach().to(torch.float64).clone().requires_grad_(True)
-    var = _free_cov_beta(result, free).diagonal()
-    g = _jacobian(var, free)[:, active]
+    var, g = _var_beta_jacobian(result, active)
     A = torch.linalg.inv(_hessian(result, active))
-    return (2 * var.detach().cpu() ** 2 / torch.einsum("jk,kl,jl->j", g, A, g)).numpy()
+    return (2 * var ** 2 / torch.einsum("jk,kl,jl->j", g, A, g)).numpy()
 
 
 def _jacobian(out: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:

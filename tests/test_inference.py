@@ -179,6 +179,26 @@ def test_satterthwaite_t_tests_match_lmertest(model_id):
     np.testing.assert_allclose(fe["p_value"], ref["p_value"], rtol=1e-3)
 
 
+@pytest.mark.parametrize("model_id, solvers", [("a", ["grouped", "woodbury", "mme"]),
+                                               ("d", ["woodbury", "mme"])])
+def test_satterthwaite_and_conditional_sds_agree_over_solvers(model_id, solvers, one_thread):
+    """Every solver gives the dense solver's df (to the central differences of the Hessian)
+    and conditional SDs: sleepstudy and Penicillin's crossed ``(1|plate) + (1|sample)``."""
+    from oracle import build as build_oracle
+
+    def run(solver):
+        model, y, X, names, _ = build_oracle(model_id)
+        r = fit(model, y, X, x_names=names, solver=solver)
+        assert r.solver == solver
+        return r.fixed_effects["df"].to_numpy(), r.ranef()["condsd"].to_numpy()
+
+    df, sd = run("dense")
+    for solver in solvers:
+        df_s, sd_s = run(solver)
+        np.testing.assert_allclose(df_s, df, rtol=1e-7, err_msg=solver)
+        np.testing.assert_allclose(sd_s, sd, rtol=1e-9, err_msg=solver)
+
+
 def test_p_values_print_as_r_does():
     assert format_pvalue(1e-300) == "< 2e-16" and format_pvalue(0.0) == "< 2e-16"
     assert format_pvalue(3.26379e-06) == "3.264e-06" and format_pvalue(0.52366) == "0.5237"
