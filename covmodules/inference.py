@@ -50,14 +50,15 @@ def format_pvalue(p: float, digits: int = 4) -> str:
 
 
 # ----------------------------------------------------------------------------- VarCorr
-def residual_variance(model) -> float:
+def residual_variance(model, free=None) -> float:
     """The variance of one residual: ``R[0, 0]`` of a :class:`~covmodules.MixedModel`'s
     residual (``σ²`` of a scalar, AR(1) or compound-symmetric residual), ``V[0, 0]`` of any
-    other model; read from the structure's leading block, so ``R`` is not formed."""
+    other model, at free-scale ``free`` (default: the registered parameters); read from the
+    structure's leading block, so ``R`` is not formed."""
     from .model import MixedModel
     from .results import leading_block
     with torch.no_grad():
-        nat = model.build_params()
+        nat = model.build_params(free)
         if isinstance(model, MixedModel):
             return float(leading_block(model.residual, model._split(nat)[-1], 1)[0, 0])
         return float(leading_block(model, nat, 1)[0, 0])
@@ -80,7 +81,7 @@ def varcorr(result) -> pd.DataFrame:
             rows += [(name, labels[j], labels[i], float(G[i, j]), np.nan,
                       float(G[i, j] / max(float(sd[i] * sd[j]), 1e-300)))
                      for j in range(len(labels)) for i in range(j + 1, len(labels))]
-    var = residual_variance(model)
+    var = residual_variance(model, result.free)
     rows.append(("Residual", None, None, var, math.sqrt(max(var, 0.0)), np.nan))
     return pd.DataFrame(rows, columns=["group", "name1", "name2", "variance", "std_dev",
                                        "corr"])

@@ -223,16 +223,19 @@ class _Profiler:
                 dev, start = self.minimise(start, held, v, y_of(v), X_of(v))
                 return side * math.sqrt(max(dev - self.dev_hat, 0.0)) - side * z
 
-            a, fa, delta, b = centre, -side * z, step, None
-            while delta <= reach:
+            a, fa, delta, b = centre, -side * z, min(step, reach), None
+            while True:
                 trial = centre + side * delta
                 f = zeta(trial)
                 if side * f > 0:
                     b, fb = trial, f
                     break
+                if delta >= reach:
+                    break
                 a, fa = trial, f
                 reached = side * f + z               # |ζ| at the trial point
-                delta = min(max(2.0, 1.2 * z / reached) if reached > 0 else 4.0, 8.0) * delta
+                grow = min(max(2.0, 1.2 * z / reached) if reached > 0 else 4.0, 8.0)
+                delta = min(grow * delta, reach)
             ends.append(limit_of(side) if b is None else value_of(_illinois(zeta, a, fa, b, fb)))
         return ends
 
@@ -292,8 +295,8 @@ def _profile_confint(result, level, parm) -> pd.DataFrame:
     rows = {}
     for k, name in enumerate(coords.names):
         if name in wanted:
-            se = prof.u_se[k]
-            step = z * se if np.isfinite(se) and se > 0 else 0.5
+            se = prof.u_se[k]                    # first step: at most a factor e in an SD
+            step = min(z * se, 1.0) if np.isfinite(se) and se > 0 else 0.5
             rows[name] = prof.interval(k, float(prof.u_hat[k]), step, crit, lambda v: y,
                                        lambda v: X, lambda v, k=k: coords.value(k, v),
                                        lambda side, k=k: coords.limit(k, side), LIMIT)

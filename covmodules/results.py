@@ -176,7 +176,7 @@ class FitResult:
                     row.update({f"corr {terms[j]}": float(corr[i, j]) for j in range(i)})
                     rows.append(row)
         if residual:
-            var = inference.residual_variance(model)
+            var = inference.residual_variance(model, self.free)
             rows.append({"group": "Residual", "name": "", "variance": var,
                          "std_dev": math.sqrt(max(var, 0.0))})
         return pd.DataFrame(rows)
@@ -239,7 +239,13 @@ class FitResult:
         if len(random):
             lines += ["", "Random effects:",
                       random.to_string(index=False, float_format=_fmt, na_rep="")]
-        lines += ["", "Covariance parameters:", self.param_table().to_string(float_format=_fmt)]
+        table = self.param_table()
+        lines += ["", "Covariance parameters:", table.to_string(float_format=_fmt)]
+        raw = self.param_table(raw=True)
+        raw = raw[~raw.index.isin(table.index)]
+        if len(raw):
+            lines += ["", "  as estimated (Cholesky factors, loadings):",
+                      raw.to_string(float_format=_fmt)]
         lines += ["", "Fixed effects:", self.fixed_effects.to_string(
             float_format=_fmt, formatters={"p_value": inference.format_pvalue})]
         return "\n".join(lines)

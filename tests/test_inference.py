@@ -87,7 +87,11 @@ def test_summary_random_effects_table_has_the_residual_row():
     random = r.random_effects(residual=True)
     assert list(random["group"]) == ["Subject", "Subject", "Residual"]
     assert random["variance"].iloc[-1] == pytest.approx(r.params["residual/sigma^2"])
-    assert "Residual" in r.summary() and "L[0,0]" not in r.summary()
+    summary = r.summary()
+    assert "Residual" in summary
+    table = summary[summary.index("Covariance parameters:"):summary.index("as estimated")]
+    assert "Subject/terms/rho[1,0]" in table and "L[0,0]" not in table
+    assert "Subject/terms/L[1,0]" in summary[summary.index("as estimated"):]
 
 
 # ---------------------------------------------------------------------- natural scale
@@ -252,6 +256,34 @@ def test_profile_reports_the_limits_it_does_not_cross(one_thread):
     assert ci.loc["Subject/terms/sd[1]", "97.5 %"] == pytest.approx(exact["sd_age|Subject"][1],
                                                                     rel=1e-6)
     np.testing.assert_allclose(ci.loc["SexFemale:age"], exact["age:SexFemale"], rtol=1e-6)
+
+
+def test_profile_ends_of_a_singular_fit_are_where_the_fixed_refit_reaches_the_cut_off(
+        one_thread):
+    """``(1 | g)`` whose variance estimate is 0: the SD's interval is [0, c] and, refitting
+    by ML with the variance fixed at ``c²`` (AI-REML, another optimiser), the deviance is
+    the cut-off above the ML minimum (lme4 interpolates linearly here and gives 0.8546)."""
+    g = torch.arange(40) // 4
+    Z = torch.nn.functional.one_hot(g).double()
+    y = torch.tensor([1.0, -1.0, 2.0, -2.0] * 10, dtype=torch.float64) \
+        * torch.linspace(1, 2, 40, dtype=torch.float64)
+
+    def model():
+        return MixedModel(random={"g": (Z, ScalarMatrix(10))}, residual=ScalarMatrix(40))
+
+    with pytest.warns(UserWarning, match="singular fit"):
+        r = fit(model(), y)
+        ci = r.confint()
+    assert r.boundary == ["g/sigma^2"] and ci.loc["g/sd", "2.5 %"] == 0.0
+    dev_ml = -2 * fit(model(), y, method="ml").loglik
+    for name, end in [("g/sigma^2", ci.loc["g/sd", "97.5 %"]),
+                      ("residual/sigma^2", ci.loc["residual/sd", "2.5 %"]),
+                      ("residual/sigma^2", ci.loc["residual/sd", "97.5 %"])]:
+        held = model()
+        held.fix(name, end ** 2)
+        dev = -2 * fit(held, y, method="ml").loglik
+        assert dev - dev_ml == pytest.approx(3.841458820694124, abs=1e-7), name
+    assert ci.loc["g/sd", "97.5 %"] == pytest.approx(0.8524, abs=1e-4)
 
 
 def test_confint_refuses_bad_arguments():
