@@ -6,8 +6,9 @@ covariance parameter is profiled on the SD / correlation scale (:class:`Coordina
 unstructured ``G`` as its SDs and correlations, a variance as its SD, anything else on its
 natural scale), each fixed effect ``β_j`` by refitting with ``β_j`` held at a value (its
 column as an offset); the interval is where ``D(c) - D̂`` equals the ``level`` quantile of
-``χ²₁``, found by Brent's method. The other parameters are re-optimised at every point (BFGS
-in unconstrained coordinates, gradients by autograd through the closed-form backward pass).
+``χ²₁``, found by regula falsi (Illinois). The other parameters are re-optimised at every
+point (BFGS in unconstrained coordinates, gradients by autograd through the closed-form
+backward pass).
 A bound that the profile does not cross is reported as the limit of the parameter (SD 0,
 correlation ±1) or NaN.
 
@@ -43,6 +44,7 @@ from .structures.unconstrained import UnconstrainedMatrix
 __all__ = ["Coordinates", "profile_confint"]
 
 LIMIT = 30.0            # how far (in unconstrained units) a profile is followed
+WALL = 1e10             # deviance excess returned where V or a correlation matrix is singular
 SMALL_N = 20_000        # up to this many rows the profile runs on one thread
 
 
@@ -180,7 +182,7 @@ class _Profiler:
             free = self.coords.to_free(u)
             dev = 2 * self.objective.solver.loss(free, y, X, "ml")
         except ValueError:               # not positive definite: a wall for the optimiser
-            return self.dev_hat + 1e10, np.zeros(u.numel())
+            return self.dev_hat + WALL, np.zeros(u.numel())
         (grad,) = torch.autograd.grad(dev, u)
         return float(dev.detach()), grad.detach().numpy()
 
@@ -213,7 +215,9 @@ class _Profiler:
         """Both ends where the profile deviance minus ``D̂`` equals ``crit``: the signed
         root ``ζ(v) = ±√(D(v) - D̂)``, close to linear in ``v``, is extrapolated to ``±√crit``
         from ``centre`` (steps growing, at most ``reach`` away) until bracketed, then
-        Brent's method."""
+        refined by the Illinois method. Where the deviance cannot be evaluated (a singular
+        correlation matrix or ``V``) the step is halved; a side whose profile stays below the
+        cut-off up to the end of that region or ``reach`` ends at the limit."""
         z, ends = math.sqrt(crit), []
         for side in (-1, 1):
             start = self.u_hat.numpy().copy()
@@ -221,12 +225,19 @@ class _Profiler:
             def zeta(v):
                 nonlocal start
                 dev, start = self.minimise(start, held, v, y_of(v), X_of(v))
+                if dev - self.dev_hat >= WALL / 2:
+                    return None
                 return side * math.sqrt(max(dev - self.dev_hat, 0.0)) - side * z
 
             a, fa, delta, b = centre, -side * z, min(step, reach), None
             while True:
                 trial = centre + side * delta
                 f = zeta(trial)
+                if f is None:                        # no deviance there: halve the step
+                    if abs(trial - a) < 1e-8:
+                        break                        # the feasible region ends at a
+                    delta, reach = (abs(a - centre) + delta) / 2, delta
+                    continue
                 if side * f > 0:
                     b, fb = trial, f
                     break
@@ -234,7 +245,7 @@ class _Profiler:
                     break
                 a, fa = trial, f
                 reached = side * f + z               # |ζ| at the trial point
-                grow = min(max(2.0, 1.2 * z / reached) if reached > 0 else 4.0, 8.0)
+                grow = min(max(2.0, 1.2 * z / reached) if reached > 0 else 4.0, 4.0)
                 delta = min(grow * delta, reach)
             ends.append(limit_of(side) if b is None else value_of(_illinois(zeta, a, fa, b, fb)))
         return ends
