@@ -47,6 +47,7 @@ from torchmetrics import MeanSquaredError, R2Score
 from covmodules import CovarianceModule
 from covmodules.checks import Checks
 from covmodules.distributed import ShardedREML, world_size
+from covmodules.threads import per_process
 from covmodules.fitting import (METHODS, OPTIMIZERS, fit_result, free_parameters,
                                 loss_converged, start_values, torch_optimizer)
 from covmodules.reml import REML
@@ -204,6 +205,9 @@ class REMLModule(L.LightningModule):
                                self.objective)
 
     def on_fit_start(self) -> None:
+        local = getattr(self.trainer, "num_devices", 1)
+        if self.device.type == "cpu" and local > 1 and self.trainer.world_size > 1:
+            torch.set_num_threads(per_process(local))    # the cores split between processes
         for p in self._shards or []:
             p.model.to(self.device)
             p.y, p.X = p.y.to(self.device), p.X.to(self.device)
