@@ -175,3 +175,10 @@ def test_mme_refuses_what_it_cannot_factor():
                          residual=ScalarMatrix(n))
     with pytest.raises(UnsupportedStructure, match="not I ⊗ S"):
         SOLVERS["mme"](kinship)
+
+
+def test_dense_z_with_nan_is_refused_naming_the_term():
+    Z = torch.eye(4, dtype=DTYPE)
+    Z[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="Z of random term 'g' contains NaN"):
+        MixedModel(random={"g": (Z, ScalarMatrix(4))}, residual=ScalarMatrix(4))
