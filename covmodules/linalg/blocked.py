@@ -51,6 +51,7 @@ class _Bucket:
     levels: torch.Tensor       # (count,) levels of term 0
     columns: torch.Tensor      # (count, z) columns of the other terms (in ``0..s-1``)
     entries: torch.Tensor      # (count, z) index into the pair-major entry order
+    cells: torch.Tensor        # (count * z * z,) the flat ``s x s`` cells of its column pairs
 
 
 class Pattern:
@@ -89,7 +90,10 @@ class Pattern:
         for z in torch.unique(lengths[lengths > 0]).tolist():
             members = torch.nonzero(lengths == z)[:, 0]
             at = order[starts[members][:, None] + torch.arange(z, device=device)]
-            self.buckets.append(_Bucket(members, columns[at], at))
+            cols = columns[at]
+            cells = (cols[:, :, None] * s + cols[:, None, :]).reshape(-1)
+            self.buckets.append(_Bucket(members, cols, at, cells))
+        self.cells = torch.cat([b.cells for b in self.buckets]) if self.buckets else None
         self.flops = float(k0 * (lengths.double() ** 2).sum()) + s ** 3 / 3
 
     def to_buckets(self, blocks: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -135,9 +139,10 @@ class MixedModelFactor:
         self.E = [self.LDinv[b.levels] @ part
                   for b, part in zip(pattern.buckets, pattern.to_buckets(B))]
         S = C
-        for b, E in zip(pattern.buckets, self.E):
-            S.index_put_((b.columns[:, :, None], b.columns[:, None, :]),
-                         -(E.transpose(1, 2) @ E), accumulate=True)
+        if self.E:                                                 # S = C - Eᵀ E
+            S.view(-1).index_add_(0, pattern.cells,
+                                  torch.cat([(E.transpose(1, 2) @ E).reshape(-1)
+                                             for E in self.E]), alpha=-1)
         self.LS = cholesky(S, message) if pattern.s else S
         self.logdet = 2 * (torch.log(self.LD.diagonal(dim1=1, dim2=2)).sum()
                            + torch.log(self.LS.diagonal()).sum())
@@ -183,9 +188,10 @@ class MixedModelFactor:
         m0, k0 = self.pattern.sizes[0]
         Sinv = torch.cholesky_inverse(self.LS) if self.pattern.s else self.LS
         inner = torch.eye(k0, dtype=self.LD.dtype, device=self.LD.device).repeat(m0, 1, 1)
-        cross = []
+        cross, flat = [], Sinv.reshape(-1)
         for b, E in zip(self.pattern.buckets, self.E):
-            F = E @ Sinv[b.columns[:, :, None], b.columns[:, None, :]]       # E_j S⁻¹ (pattern)
+            z = b.columns.shape[1]
+            F = E @ flat[b.cells].reshape(-1, z, z)                # E_j S⁻¹ on its pattern
             inner.index_add_(0, b.levels, F @ E.transpose(1, 2))
             cross.append(-self.LDinv[b.levels].mT @ F)
         diagonal = self.LDinv.mT @ inner @ self.LDinv

@@ -68,12 +68,16 @@ def _root(S: torch.Tensor, floor: float) -> torch.Tensor:
 def _lam_t(L, x):
     """``(I ⊗ L)ᵀ x`` for ``x`` of shape ``(m k, r)``."""
     k = L.shape[0]
+    if k == 1:
+        return x * L[0, 0]
     return torch.einsum("ba,mbr->mar", L, x.reshape(-1, k, x.shape[-1])).reshape(x.shape)
 
 
 def _lam(L, x):
     """``(I ⊗ L) x``."""
     k = L.shape[0]
+    if k == 1:
+        return x * L[0, 0]
     return torch.einsum("ab,mbr->mar", L, x.reshape(-1, k, x.shape[-1])).reshape(x.shape)
 
 
@@ -279,7 +283,10 @@ def _lam_cols(lams, terms, K):
     off = 0
     for t, L in zip(terms, lams):
         q = t.m * t.k
-        out[:, off:off + q] = _lam_t(L, K[:, off:off + q].T).T
+        if t.k == 1:
+            out[:, off:off + q] *= L[0, 0]
+        else:
+            out[:, off:off + q] = _lam_t(L, K[:, off:off + q].T).T
         off += q
     return out
 
@@ -290,6 +297,9 @@ def _lam_t_rows_cols(lams, terms, K):
     off = 0
     for t, L in zip(terms, lams):
         q = t.m * t.k
-        KL[off:off + q] = _lam_t(L, KL[off:off + q])
+        if t.k == 1:
+            KL[off:off + q] *= L[0, 0]
+        else:
+            KL[off:off + q] = _lam_t(L, KL[off:off + q])
         off += q
     return KL
