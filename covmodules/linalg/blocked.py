@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from .dense import cholesky
+from .statistics import NotPositiveDefiniteError
 
 __all__ = ["Pattern", "MixedModelFactor"]
 
@@ -93,7 +94,10 @@ class Pattern:
             cols = columns[at]
             cells = (cols[:, :, None] * s + cols[:, None, :]).reshape(-1)
             self.buckets.append(_Bucket(members, cols, at, cells))
-        self.cells = torch.cat([b.cells for b in self.buckets]) if self.buckets else None
+        if self.buckets:                                   # every bucket at once
+            self.cells = torch.cat([b.cells for b in self.buckets])
+            self.columns = torch.cat([b.columns.reshape(-1) for b in self.buckets])
+            self.levels = torch.cat([b.levels for b in self.buckets])
         self.flops = float(k0 * (lengths.double() ** 2).sum()) + s ** 3 / 3
 
     def to_buckets(self, blocks: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -132,10 +136,16 @@ class MixedModelFactor:
     def __init__(self, pattern: Pattern, D, B: list[torch.Tensor], C: torch.Tensor):
         message = "I + Λᵀ Zᵀ R⁻¹ Z Λ is not positive definite"
         self.pattern = pattern
-        self.LD = cholesky(D, message)
         m0, k0 = pattern.sizes[0]
-        eye = torch.eye(k0, dtype=D.dtype, device=D.device).expand(m0, k0, k0)
-        self.LDinv = torch.linalg.solve_triangular(self.LD, eye, upper=False)   # k0 x k0 each
+        if k0 == 1:                                        # D ≥ I: square roots
+            if not bool(torch.isfinite(D).all()):
+                raise NotPositiveDefiniteError(message)
+            self.LD = D.sqrt()
+            self.LDinv = 1 / self.LD
+        else:
+            self.LD = cholesky(D, message)
+            eye = torch.eye(k0, dtype=D.dtype, device=D.device).expand(m0, k0, k0)
+            self.LDinv = torch.linalg.solve_triangular(self.LD, eye, upper=False)
         self.E = [self.LDinv[b.levels] @ part
                   for b, part in zip(pattern.buckets, pattern.to_buckets(B))]
         S = C
@@ -149,18 +159,18 @@ class MixedModelFactor:
 
     def _e_t(self, x0: torch.Tensor) -> torch.Tensor:
         """``Eᵀ x_0`` for ``x_0`` of shape ``(m0, k0, r)``: ``(s, r)``."""
-        out = x0.new_zeros(self.pattern.s, x0.shape[-1])
-        for b, E in zip(self.pattern.buckets, self.E):
-            out.index_add_(0, b.columns.reshape(-1),
-                           (E.transpose(1, 2) @ x0[b.levels]).reshape(-1, x0.shape[-1]))
-        return out
+        r = x0.shape[-1]
+        parts = [(E.transpose(1, 2) @ x0[b.levels]).reshape(-1, r)
+                 for b, E in zip(self.pattern.buckets, self.E)]
+        return x0.new_zeros(self.pattern.s, r).index_add_(0, self.pattern.columns,
+                                                          torch.cat(parts))
 
     def _e(self, x: torch.Tensor) -> torch.Tensor:
         """``E x`` for ``x`` of shape ``(s, r)``: ``(m0, k0, r)``."""
         m0, k0 = self.pattern.sizes[0]
         out = x.new_zeros(m0, k0, x.shape[-1])
-        for b, E in zip(self.pattern.buckets, self.E):
-            out[b.levels] = E @ x[b.columns]
+        out[self.pattern.levels] = torch.cat([E @ x[b.columns]
+                                              for b, E in zip(self.pattern.buckets, self.E)])
         return out
 
     def solve_lower(self, u: torch.Tensor) -> torch.Tensor:
