@@ -29,14 +29,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-import torch
 
 from .config import SpecError
 from .design import fixed_design, random_design
 from .expressions import parse_term
 from .terms import FormulaDesign
 
-__all__ = ["Source", "predict", "fixed_matrix"]
+__all__ = ["Source", "Fitted", "predict", "fixed_matrix", "random_part"]
 
 
 @dataclass
@@ -45,6 +44,67 @@ class Source:
 
     spec: object
     frame: pd.DataFrame
+
+
+@dataclass
+class Fitted:
+    """What predictions need of a fit: the ``spec`` and fitted ``frame``, the kept columns
+    ``x_names`` of X, ``beta`` and the ``blups`` (term -> levels × coefficients). Saved in
+    plain types (:meth:`state_dict`, e.g. in a checkpoint) it predicts without the fit."""
+
+    spec: object
+    frame: pd.DataFrame
+    x_names: list[str]
+    beta: np.ndarray
+    blups: dict[str, pd.DataFrame]
+
+    @classmethod
+    def from_result(cls, result, source: Source) -> "Fitted":
+        return cls(source.spec, source.frame, list(result.objective.x_names),
+                   result.state.beta.double().cpu().numpy(), result.blups())
+
+    def predict(self, newdata: pd.DataFrame, allow_new_levels: bool = True,
+                include_random: bool = True) -> np.ndarray:
+        """``X_new b̂`` plus, with ``include_random``, each term's ``Z_new û``."""
+        if not isinstance(newdata, pd.DataFrame):
+            raise TypeError(f"newdata must be a pandas DataFrame, got {type(newdata).__name__}")
+        if len(newdata) == 0:
+            return np.zeros(0)
+        spec, frame = self.spec, self.frame
+        try:
+            new = spec.coded(newdata)
+            out = fixed_matrix(spec, frame, new, self.x_names).double().numpy() @ self.beta
+            if include_random:
+                for name, blups in self.blups.items():
+                    out = out + random_part(spec, frame, new, name, blups, allow_new_levels)
+        except SpecError as err:
+            raise ValueError(str(err)) from None
+        except KeyError as err:
+            raise ValueError(f"newdata: missing column {err.args[0]!r}") from None
+        return out
+
+    def state_dict(self) -> dict:
+        """The fit in plain Python types (``torch.load(weights_only=True)`` reads them)."""
+        columns = {c: self.frame[c].tolist() for c in self.frame.columns}
+        categories = {c: {"categories": self.frame[c].cat.categories.tolist(),
+                          "ordered": bool(self.frame[c].cat.ordered)}
+                      for c in self.frame.columns
+                      if isinstance(self.frame[c].dtype, pd.CategoricalDtype)}
+        blups = {name: {"levels": [str(v) for v in b.index], "columns": [str(c) for c in b],
+                        "values": b.to_numpy(dtype=np.float64).tolist()}
+                 for name, b in self.blups.items()}
+        return {"x_names": list(self.x_names), "beta": self.beta.tolist(), "blups": blups,
+                "columns": columns, "categories": categories}
+
+    @classmethod
+    def from_state_dict(cls, spec, state: dict) -> "Fitted":
+        frame = pd.DataFrame(state["columns"])
+        for col, c in state["categories"].items():
+            frame[col] = pd.Categorical(frame[col], categories=c["categories"],
+                                        ordered=c["ordered"])
+        blups = {name: pd.DataFrame(b["values"], index=b["levels"], columns=b["columns"])
+                 for name, b in state["blups"].items()}
+        return cls(spec, frame, list(state["x_names"]), np.asarray(state["beta"], float), blups)
 
 
 def fixed_matrix(spec, frame: pd.DataFrame, newdata: pd.DataFrame, x_names: list[str]):
@@ -90,24 +150,8 @@ def predict(result, newdata: pd.DataFrame | None = None, allow_new_levels: bool 
     """The predictions of :meth:`FitResult.predict` (see the module docstring)."""
     if newdata is None:
         return result.fitted(conditional=include_random)
-    source = getattr(result, "source", None)
-    if source is None:
+    if getattr(result, "source", None) is None:
         raise ValueError("predict(newdata) needs a fit built from data: covmodules.lmm, or a "
                          "model spec (ModelSpec / the command line)")
-    if not isinstance(newdata, pd.DataFrame):
-        raise TypeError(f"newdata must be a pandas DataFrame, got {type(newdata).__name__}")
-    if len(newdata) == 0:
-        return np.zeros(0)
-    spec, frame = source.spec, source.frame
-    try:
-        new = spec.coded(newdata)
-        X = fixed_matrix(spec, frame, new, result.objective.x_names)
-        out = (X.to(torch.float64) @ result.state.beta.cpu()).numpy()
-        if include_random:
-            for name, blups in result.blups().items():
-                out = out + random_part(spec, frame, new, name, blups, allow_new_levels)
-    except SpecError as err:
-        raise ValueError(str(err)) from None
-    except KeyError as err:
-        raise ValueError(f"newdata: missing column {err.args[0]!r}") from None
-    return out
+    return Fitted.from_result(result, result.source).predict(newdata, allow_new_levels,
+                                                             include_random)

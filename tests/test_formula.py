@@ -202,3 +202,15 @@ def test_heterogeneous_structures_gradients(n):
     from covmodules.testing import check_gradients
     for module in (HeterogeneousCSMatrix(n), HeterogeneousToeplitzMatrix(n)):
         check_gradients(module)
+
+
+def test_separable_spatial_correlation_with_nugget_matches_nlme():
+    ref = json.loads((DATA / "scale_reference_iv_a.json").read_text())
+    df = pd.read_csv(DATA.parent.parent / "data/sim_field_40x40.csv")
+    for col, levels in ref["levels"].items():
+        df[col] = pd.Categorical(df[col], categories=levels)
+    result = lmm("y ~ block + genotype", df, correlation="ar1(row):ar1(col)")
+    assert result.solver == "kronecker"
+    assert abs(result.loglik - ref["logLik_REML"]) < 1e-6
+    assert result.params["residual/field/row/rho"] == pytest.approx(ref["residual"]["rho_row"],
+                                                                    rel=1e-4)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import yaml
 from jsonargparse import ArgumentError
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
@@ -60,9 +61,18 @@ class REMLCLI(LightningCLI):
             raise SpecError(_trainer_message(err)) from None
 
     def parse_arguments(self, parser, args) -> None:
-        """Parse, then check ``ckpt_path`` (before LightningCLI reads its hyperparameters)."""
+        """Parse, then check ``ckpt_path`` (before LightningCLI reads its hyperparameters).
+
+        ``--data.random.<term>.<key> value`` changes that key of the config's term (the
+        parser alone would replace the whole ``random`` mapping by it)."""
+        args, overrides = _random_overrides(sys.argv[1:] if args is None else args)
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
+        if overrides and subcommand:
+            random = dict(self.config[subcommand].data.random or {})
+            for name, key, value in overrides:
+                random[name] = {**(random.get(name) or {}), key: yaml.safe_load(value)}
+            self.config[subcommand].data.random = random
         path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if path is not None and str(path).split(":")[0] not in _CKPT_KEYWORDS:
             check_checkpoint(path)
@@ -145,6 +155,27 @@ _KEYED_MESSAGES = [
     (re.compile(r"^unrecognized arguments: --([\w.]+)(.*)$"),
      r"\1: unknown argument (--\1\2)"),
 ]
+
+
+_RANDOM_KEY = re.compile(r"^--data\.random\.([^.=]+)\.([^.=]+)(?:=(.*))?$")
+
+
+def _random_overrides(args):
+    """``args`` without the ``--data.random.<term>.<key>`` options, and those as
+    ``(term, key, value)``."""
+    if not isinstance(args, (list, tuple)):
+        return args, []
+    rest, found, i = [], [], 0
+    while i < len(args):
+        match = _RANDOM_KEY.match(str(args[i]))
+        if match and (match.group(3) is not None or i + 1 < len(args)):
+            value = match.group(3) if match.group(3) is not None else args[i + 1]
+            found.append((match.group(1), match.group(2), value))
+            i += 1 if match.group(3) is not None else 2
+            continue
+        rest.append(args[i])
+        i += 1
+    return rest, found
 
 
 def _one_line(err: Exception) -> str:

@@ -34,7 +34,6 @@ final log-likelihood, AIC and BIC (``hp/loglik``, ``hp/aic``, ``hp/bic``). At th
 from __future__ import annotations
 
 import copy
-import dataclasses
 from typing import Literal, Optional
 
 import lightning as L
@@ -55,10 +54,11 @@ from covmodules.results import FitResult
 from covmodules.specs import Problem, SpecError
 from covmodules.validation import as_data
 
-from .data import Batch, loader
+from .data import Batch, Rows, loader
 from .metrics import REMLStatistics
 from .monitoring import blup_values, covariance_blocks, fitted_v_block, heatmap
-from .prediction import blup_table, prediction_frame
+from .prediction import (batch_result, blup_table, fitted_state, own_data_frame, predict_rows,
+                         saved_blup_table)
 from .run import AIStep, Run, load_own_data, save_last_checkpoints
 
 __all__ = ["REMLModule", "AIStep"]
@@ -135,6 +135,7 @@ class REMLModule(L.LightningModule):
         self._objective: Optional[REML | ShardedREML] = None
         self._step: dict = {}          # this step's first loss and gradient norm (torch optim)
         self._val_beta: Optional[torch.Tensor] = None
+        self.fitted_state: Optional[dict] = None    # b̂, BLUPs, data: for predict (checkpoints)
 
     def _set_data(self, y, X, x_names):
         self.y = as_data(y, "y", 1)          # REML's checks of the rest run at the first step
@@ -181,14 +182,23 @@ class REMLModule(L.LightningModule):
         if self.covariance is None:
             batches = getattr(getattr(self.trainer, "datamodule", None), "train_batches", None)
             if not batches:
+                if stage == "predict":    # rows without a response: the checkpoint's model
+                    return
                 raise ValueError("REMLModule has no model: pass covariance and y, or fit with a "
                                  "MixedModelDataModule")
-            first = batches[0].problem
-            self.covariance = first.model
-            if len(batches) == 1 and self.trainer.world_size == 1:
-                self._set_data(first.y, first.X, first.x_names)
-            else:
-                self._shards, self.x_names = [b.problem for b in batches], first.x_names
+            self._adopt(batches)
+        self._check_start()
+
+    def _adopt(self, batches: list[Batch]) -> None:
+        """Take the model and data of the DataModule's training ``batches``."""
+        first = batches[0].problem
+        self.covariance, self._objective = first.model, None
+        if len(batches) == 1 and self.trainer.world_size == 1:
+            self._set_data(first.y, first.X, first.x_names)
+        else:
+            self._shards, self.x_names = [b.problem for b in batches], first.x_names
+
+    def _check_start(self) -> None:
         # the data differ between processes: DDP must neither check nor broadcast them
         self._ddp_params_and_buffers_to_ignore = [name for name, _ in self.named_buffers()]
         names = self.covariance.param_names
@@ -301,6 +311,7 @@ class REMLModule(L.LightningModule):
             rank_zero_warn(f"the REML fit stopped after {len(self.history)} steps without "
                            "converging; raise trainer.max_epochs")
         self.result = self.fit_result()
+        self.fitted_state = fitted_state(self, self.trainer.datamodule)
         self._log_final(self.result)
         save_last_checkpoints(self.trainer)
 
@@ -383,34 +394,30 @@ class REMLModule(L.LightningModule):
         if not self.history:
             raise SpecError("predict needs fitted parameters: run fit first, or pass "
                             "--ckpt_path with a checkpoint written by fit")
-        self.result = self.fit_result()
+        if self.fitted_state is None and getattr(self.trainer, "datamodule", None) is not None:
+            raise SpecError("ckpt_path: the checkpoint holds no fitted b̂ and BLUPs (written "
+                            "before the fit ended): predict with the fit's last.ckpt")
+        if self.fitted_state is None:
+            self.result = self.fit_result()
 
-    def predict_step(self, batch: Batch, batch_idx: int) -> pd.DataFrame:
-        """Fitted values of the batch's rows (:func:`~training.prediction.prediction_frame`):
-        ``fitted_marginal`` (``X b̂``), ``fitted`` (plus the BLUPs of random terms, and columns
-        for residual components such as the spatial field, on the training rows; marginal on
-        held-out groups) and ``residual``."""
+    def predict_step(self, batch: Rows | Batch, batch_idx: int) -> pd.DataFrame:
+        """Predictions of the batch's rows (:func:`~training.prediction.predict_rows`) from the
+        fitted ``b̂`` and BLUPs: ``split`` (``train`` / ``val`` / ``new`` group),
+        ``fitted_marginal`` (``X b̂``), ``fitted`` (plus the random effects) and, when the
+        rows have the response, ``residual``."""
+        if isinstance(batch, Rows):
+            return predict_rows(self.fitted_state, self.trainer.datamodule.spec, batch.frame)
         p = batch.problem
-        marginal = (self._kept_columns(p).double().cpu() @ self.result.state.beta).numpy()
-        training = self._batch_result(p) if batch.split == "train" else None
-        return prediction_frame(p, batch.split, marginal, training)
+        return own_data_frame(self.result, self._kept_columns(p), p.y, p.frame)
 
     def _batch_result(self, problem: Problem) -> FitResult:
-        """:attr:`result` seen from a training batch, for its fitted values and BLUPs: a
-        split training set's batch with its own rows (the columns the fit kept) and its own
-        ``P y`` with the global ``b̂``, exact because its groups' BLUPs depend on no other
-        rows."""
-        if not self.sharded:
-            return self.result
-        i = next(i for i, q in enumerate(self._shards) if q is problem)
-        problem.model.set_free_params(self.result.free)   # ShardedREML reads the first's
-        rows = Problem(problem.model, problem.y, self._kept_columns(problem),
-                       self.objective.x_names, problem.frame)
-        return dataclasses.replace(self.result, objective=rows,
-                                   state=self.result.state.shards[i])
+        """:attr:`result` seen from a training batch (:func:`~training.prediction.batch_result`)."""
+        return batch_result(self, problem)
 
     def blup_table(self) -> pd.DataFrame:
         """BLUPs of the random terms, one row per (term, level, coefficient)."""
+        if self.result is None and self.fitted_state is not None:
+            return saved_blup_table(self.fitted_state)
         return blup_table([self._batch_result(p) for p in self._shards] if self.sharded
                           else [self.result])
 
@@ -421,8 +428,14 @@ class REMLModule(L.LightningModule):
         if ai is not None:
             self.run.ai = ai.state_dict()
         checkpoint["reml"] = self.run.state_dict()
+        if self.fitted_state is not None:
+            checkpoint["fitted"] = self.fitted_state
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.fitted_state = checkpoint.get("fitted")
+        datamodule = getattr(self._trainer, "datamodule", None)
+        if self.fitted_state is not None and self.trainer.predicting and datamodule is not None:
+            self._adopt(datamodule.fitted_batches(self.fitted_state))  # the fitted data's model
         if self.covariance is None:
             raise SpecError("REMLModule.load_from_checkpoint needs the model: pass covariance, y "
                             "and X, or give the checkpoint to Trainer.fit/predict(..., "
