@@ -83,3 +83,38 @@ def test_overriding_one_key_of_a_random_term_keeps_the_others(in_tmp, capsys):
     out = capsys.readouterr().out
     ref = load_oracle("b")[1]                              # lme4's (1 | S) + (0 + Days | S)
     assert f"logLik = {ref['logLik_REML']:.4f}" in out and "Subject/terms/sigma^2[1]" in out
+
+
+README_CONFIG = """\
+model:
+  optimizer: ai
+data:
+  path: {root}/tests/data/Ovary.csv
+  response: follicles
+  fixed: ["sin(2 * pi * Time)", "cos(2 * pi * Time)"]
+  random:
+    Mare: {{group: Mare}}
+  residual: {{structure: ar1, subject: Mare}}
+trainer:
+  max_epochs: 50
+"""
+
+
+def test_a_three_section_config_logs_checkpoints_and_predicts(in_tmp, capsys):
+    """The README's config (no logger, no callbacks): logs under lightning_logs/<config>/,
+    its checkpoint holds the final state, predict writes outputs/<config>/predictions.csv."""
+    (in_tmp / "mine.yaml").write_text(README_CONFIG.format(root=ROOT))
+    assert main(["fit", "--config", "mine.yaml"]) == 0
+    assert (in_tmp / "lightning_logs/mine/version_0").is_dir()
+    checkpoint = next(in_tmp.glob("lightning_logs/mine/version_0/checkpoints/*.ckpt"))
+    assert main(["predict", "--config", "mine.yaml", "--ckpt_path", str(checkpoint)]) == 0
+    out = pd.read_csv(in_tmp / "outputs/mine/predictions.csv")
+    assert len(out) == 308 and set(out.split) == {"train"}
+    assert sorted(p.name for p in (in_tmp / "lightning_logs/mine").iterdir()) == ["version_0"]
+
+
+def test_test_subcommand_is_a_one_line_error(in_tmp, capsys):
+    (in_tmp / "mine.yaml").write_text(README_CONFIG.format(root=ROOT))
+    assert main(["test", "--config", "mine.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert "error: argument subcommand: invalid choice: 'test'" in err and "Traceback" not in err

@@ -27,11 +27,13 @@ import yaml
 from jsonargparse import ArgumentError
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from covmodules.specs import SpecError
 
+from .callbacks import PredictionWriter
 from .data import MixedModelDataModule
 from .module import REMLModule
 
@@ -39,7 +41,8 @@ __all__ = ["REMLCLI", "build_cli", "run_cli", "main", "report", "check_checkpoin
 
 TRAINER_DEFAULTS = {
     "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-               "init_args": {"save_dir": "lightning_logs", "default_hp_metric": False}},
+               "init_args": {"save_dir": "lightning_logs", "name": "",
+                             "default_hp_metric": False}},
     "log_every_n_steps": 1,
     "enable_model_summary": False,
     "max_epochs": 50,
@@ -49,16 +52,26 @@ TRAINER_DEFAULTS = {
 class REMLCLI(LightningCLI):
     """LightningCLI whose parsers raise on a bad argument instead of printing usage."""
 
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """``fit``, ``validate`` and ``predict`` (a REML fit has no ``test`` loop)."""
+        return {k: v for k, v in LightningCLI.subcommands().items() if k != "test"}
+
     def init_parser(self, **kwargs):
         kwargs.setdefault("exit_on_error", False)
         return super().init_parser(**kwargs)
 
     def instantiate_trainer(self, **kwargs):
-        """The trainer; a value it rejects is a :class:`SpecError` naming ``trainer.<key>``."""
+        """The trainer; a value it rejects is a :class:`SpecError` naming ``trainer.<key>``.
+        ``predict`` without a prediction writer gets one writing to ``outputs/<config>/``."""
         try:
-            return super().instantiate_trainer(**kwargs)
+            trainer = super().instantiate_trainer(**kwargs)
         except (MisconfigurationException, ModuleNotFoundError, ValueError) as err:
             raise SpecError(_trainer_message(err)) from None
+        if self.subcommand == "predict" and not any(
+                isinstance(c, BasePredictionWriter) for c in trainer.callbacks):
+            trainer.callbacks.append(PredictionWriter(f"outputs/{self._run_name or 'predict'}"))
+        return trainer
 
     def parse_arguments(self, parser, args) -> None:
         """Parse, then check ``ckpt_path`` (before LightningCLI reads its hyperparameters).
@@ -68,6 +81,13 @@ class REMLCLI(LightningCLI):
         args, overrides = _random_overrides(sys.argv[1:] if args is None else args)
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
+        configs = (self.config[subcommand].get("config") or []) if subcommand else []
+        self._run_name = Path(str(configs[-1])).stem if configs else ""
+        logger = self.config[subcommand].trainer.logger if subcommand else None
+        if getattr(getattr(logger, "init_args", None), "name", None) == "":
+            logger.init_args.name = self._run_name   # lightning_logs/<config>/version_N
+        if subcommand == "predict":
+            self.config.predict.trainer.logger = False   # predict writes CSV files, no logs
         if overrides and subcommand:
             random = dict(self.config[subcommand].data.random or {})
             for name, key, value in overrides:
