@@ -175,7 +175,7 @@ class MixedModelDataModule(L.LightningDataModule):
                  groups_per_batch: Optional[int] = None, split_seed: int = 0,
                  formula: Optional[str] = None, correlation: Optional[str] = None):
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)
         config = {"formula": formula, "correlation": correlation, "response": response,
                   "fixed": fixed or [], "intercept": intercept, "levels": levels,
                   "factors": factors or [], "random": random, "residual": residual, "fix": fix}

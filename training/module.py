@@ -56,10 +56,10 @@ from covmodules.validation import as_data
 
 from .data import Batch, Rows, loader
 from .metrics import REMLStatistics
-from .monitoring import blup_values, covariance_blocks, fitted_v_block, heatmap
 from .prediction import (batch_result, blup_table, fitted_state, own_data_frame, predict_rows,
                          saved_blup_table)
 from .run import AIStep, Run, load_own_data, save_last_checkpoints
+from .tensorboard import log_final, log_images, log_layout, plotted
 
 __all__ = ["REMLModule", "AIStep"]
 
@@ -116,7 +116,8 @@ class REMLModule(L.LightningModule):
         if (covariance is None) != (y is None):
             raise ValueError("give covariance and y together (X optional), or neither and fit "
                              "with a MixedModelDataModule")
-        self.save_hyperparameters(ignore=["covariance", "y", "X", "x_names", "checks"])
+        self.save_hyperparameters(ignore=["covariance", "y", "X", "x_names", "checks"],
+                                  logger=False)        # the hparams table is fit_hparams
         self.checks = checks
         self.automatic_optimization = optimizer != "ai"
         self.covariance = covariance
@@ -136,6 +137,7 @@ class REMLModule(L.LightningModule):
         self._step: dict = {}          # this step's first loss and gradient norm (torch optim)
         self._val_beta: Optional[torch.Tensor] = None
         self.fitted_state: Optional[dict] = None    # b̂, BLUPs, data: for predict (checkpoints)
+        self._charted = False                      # whether the first step's params are logged
 
     def _set_data(self, y, X, x_names):
         self.y = as_data(y, "y", 1)          # REML's checks of the rest run at the first step
@@ -275,6 +277,8 @@ class REMLModule(L.LightningModule):
         return _f64(-loglik)
 
     def on_train_start(self) -> None:
+        log_layout(list(plotted(self.covariance.params, self.covariance)),
+                   self.hparams.optimizer == "ai", self.loggers)
         if self.converged:                  # resumed from the checkpoint of a finished fit
             self.trainer.should_stop = True
 
@@ -289,7 +293,7 @@ class REMLModule(L.LightningModule):
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         if self.automatic_optimization:
             self.log("grad_norm", _f64(self._step.get("grad_norm", 0.0)), **_EPOCH)
-        for name, value in self.covariance.params.items():
+        for name, value in self._plotted_params().items():
             self.log(f"param/{name}", _f64(value), **_EPOCH)
 
     def on_train_epoch_end(self) -> None:
@@ -336,26 +340,17 @@ class REMLModule(L.LightningModule):
         return [lg for lg in self.loggers if isinstance(lg, TensorBoardLogger)]
 
     def _log_images(self, writer) -> None:
-        size, step = self.hparams.max_image_size, self.global_step
-        for name, C in covariance_blocks(self.covariance, size).items():
-            writer.add_image(f"covariance/{name}", heatmap(C), step, dataformats="HWC")
-        V = fitted_v_block(self.covariance, size)
-        writer.add_image("covariance/V", heatmap(V, vmax=float(V.abs().max())), step,
-                         dataformats="HWC")
+        log_images(self.covariance, writer, self.global_step, self.hparams.max_image_size)
 
     def _log_final(self, result: FitResult) -> None:
-        metrics = {"hp/loglik": result.loglik, "hp/aic": result.aic, "hp/bic": result.bic}
-        for logger in self.loggers:
-            if not isinstance(logger, TensorBoardLogger):
-                logger.log_metrics(metrics, self.global_step)
-                continue
-            writer = logger.experiment
-            self._log_images(writer)
-            for name, values in ({} if self.sharded else blup_values(result)).items():
-                writer.add_histogram(f"blups/{name}", values, self.global_step)
-            writer.add_text("summary", "    " + result.summary().replace("\n", "\n    "),
-                            self.global_step)
-            logger.log_hyperparams(dict(logger.hparams) or dict(self.hparams), metrics=metrics)
+        log_final(self, result, self.loggers)
+
+    def _plotted_params(self) -> dict:
+        """The parameters charted per step (natural scale): fixed ones only at the first step,
+        a point instead of a flat line."""
+        params, first = self.covariance.params, not self._charted
+        self._charted = True
+        return params if first else plotted(params, self.covariance)
 
     # --------------------------------------------------------------- validation
     def on_validation_epoch_start(self) -> None:
