@@ -47,6 +47,7 @@ from torchmetrics import MeanSquaredError, R2Score
 from covmodules import CovarianceModule
 from covmodules.checks import Checks
 from covmodules.distributed import ShardedREML, world_size
+from covmodules.threads import per_process
 from covmodules.fitting import (METHODS, OPTIMIZERS, fit_result, free_parameters,
                                 loss_converged, start_values, torch_optimizer)
 from covmodules.reml import REML
@@ -56,7 +57,7 @@ from covmodules.validation import as_data
 
 from .data import Batch, Rows, loader
 from .metrics import REMLStatistics
-from .prediction import (batch_result, blup_table, fitted_state, own_data_frame, predict_rows,
+from .prediction import (blup_table, fitted_state, own_data_frame, predict_rows,
                          saved_blup_table)
 from .run import AIStep, Run, load_own_data, save_last_checkpoints
 from .tensorboard import log_final, log_images, log_layout, plotted
@@ -217,6 +218,9 @@ class REMLModule(L.LightningModule):
                                self.objective)
 
     def on_fit_start(self) -> None:
+        local = getattr(self.trainer, "num_devices", 1)
+        if self.device.type == "cpu" and local > 1 and self.trainer.world_size > 1:
+            torch.set_num_threads(per_process(local))    # the cores split between processes
         for p in self._shards or []:
             p.model.to(self.device)
             p.y, p.X = p.y.to(self.device), p.X.to(self.device)
@@ -406,8 +410,11 @@ class REMLModule(L.LightningModule):
         return own_data_frame(self.result, self._kept_columns(p), p.y, p.frame)
 
     def _batch_result(self, problem: Problem) -> FitResult:
-        """:attr:`result` seen from a training batch (:func:`~training.prediction.batch_result`)."""
-        return batch_result(self, problem)
+        """:attr:`result` seen from a training batch, for its fitted values and BLUPs
+        (:meth:`FitResult.shard` of a split training set)."""
+        if not self.sharded:
+            return self.result
+        return self.result.shard(next(i for i, q in enumerate(self._shards) if q is problem))
 
     def blup_table(self) -> pd.DataFrame:
         """BLUPs of the random terms, one row per (term, level, coefficient)."""

@@ -3,7 +3,6 @@ fit's last checkpoint holds, :func:`fitted_state`), and the BLUP table."""
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Optional
 
 import numpy as np
@@ -12,11 +11,11 @@ import torch
 
 from covmodules.prediction import Fitted
 from covmodules.results import FitResult
-from covmodules.specs import Problem, SpecError
+from covmodules.specs import SpecError
 
 from .data import split_of
 
-__all__ = ["prediction_frame", "blup_table", "saved_blup_table", "batch_result", "blups_by_term",
+__all__ = ["prediction_frame", "blup_table", "saved_blup_table", "blups_by_term",
            "fitted_state", "predict_rows", "own_data_frame"]
 
 
@@ -50,20 +49,6 @@ def saved_blup_table(state: dict) -> pd.DataFrame:
                          for lv, row in zip(b["levels"], b["values"])
                          for c, v in zip(b["columns"], row)],
                         columns=["term", "level", "coefficient", "blup"])
-
-
-def batch_result(module, problem: Problem) -> FitResult:
-    """``module.result`` seen from a training batch, for its fitted values and BLUPs: a
-    split training set's batch with its own rows (the columns the fit kept) and its own
-    ``P y`` with the global ``b̂``, exact because its groups' BLUPs depend on no other rows."""
-    if not module.sharded:
-        return module.result
-    i = next(i for i, q in enumerate(module._shards) if q is problem)
-    problem.model.set_free_params(module.result.free)   # ShardedREML reads the first's
-    rows = Problem(problem.model, problem.y, module._kept_columns(problem),
-                   module.objective.x_names, problem.frame)
-    return dataclasses.replace(module.result, objective=rows,
-                               state=module.result.state.shards[i])
 
 
 def blups_by_term(table: pd.DataFrame) -> dict[str, pd.DataFrame]:
