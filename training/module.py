@@ -21,14 +21,11 @@ then takes the same steps everywhere; the torch optimisers get the exact gradien
 gradient averaging (the loss's backward returns ``world_size ×`` the local share). Fitted
 values and BLUPs come per batch, in one process (:meth:`REMLModule.predict_step`).
 
-Logged per step: ``loss``, ``loglik``, ``grad_norm`` (the largest absolute gradient at the
-start of the step), ``param/<name>`` on the natural scale and, for AI-REML, ``ai/step``,
-``ai/halvings`` and ``ai/decrement``; at the end (and every ``image_every_n_epochs``):
-heatmaps of the ``k × k`` covariance of one level of each random term, of the leaf
-covariances of the residual and of the top-left block of ``V`` (none forms ``G`` or ``V``),
-BLUP histograms (not for a split training set), the summary text and the hparams with the
-final log-likelihood, AIC and BIC (``hp/loglik``, ``hp/aic``, ``hp/bic``). At the end of
-``fit`` the last checkpoint of every ``ModelCheckpoint`` is rewritten with the final state.
+Logged per step: ``loss``, ``loglik``, ``grad_norm``, ``param/<name>`` (natural scale) and,
+for AI-REML, ``ai/*``; at the end (and every ``image_every_n_epochs``) the covariance
+heatmaps, BLUP histograms, summary and hparams table of :mod:`training.tensorboard`. At the
+end of ``fit`` the last checkpoint is rewritten with the final state (and ``b̂``, the BLUPs
+and the data for ``predict``).
 """
 
 from __future__ import annotations
