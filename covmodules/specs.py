@@ -34,9 +34,16 @@ name               index columns   covariance of the residuals
 =================  ==============  ===========================================================
 
 Random terms take ``group`` (a column or a list: their interaction), ``terms`` (``"1"`` for the
-intercept, numeric columns or expressions; default ``["1"]``) and ``structure`` of the
-within-level covariance of the terms: ``scalar``, ``diag``, ``us`` (default for several terms)
-or ``cs``.
+intercept, numeric columns or expressions; default ``["1"]``) or ``formula`` (a formula's
+terms, ``"0 + factor(t)"``), and ``structure`` of the within-level covariance of the terms:
+``scalar``, ``diag``, ``us`` (default for several terms), ``cs``, ``hcs`` (heterogeneous
+compound symmetry), ``toep`` (heterogeneous Toeplitz), ``ar1`` or ``rr`` (reduced rank,
+``rank`` columns).
+
+``formula: "y ~ x + (1 | g)"`` (and ``correlation: "ar1(1 | g)"``) gives the model as an R
+formula instead (:mod:`covmodules.formula`): it sets ``response``, the fixed part (built by
+formulaic, :mod:`covmodules.terms`), ``random`` and ``residual``; a ``random`` entry then
+changes only the keys it names of the formula's term.
 
 >>> import pandas as pd
 >>> df = pd.DataFrame({"y": [1.0, 3.0, 2.0, 5.0, 4.0, 6.0], "x": [0.0, 1, 0, 1, 0, 1],
