@@ -3,7 +3,7 @@ an hparams table of the fit.
 
 - :func:`layout`: a custom-scalars layout (TensorBoard's "Custom Scalars" tab) whose first
   charts are the log-likelihood and one chart per free parameter, then the optimiser's
-  figures; fixed parameters are not plotted (:func:`plotted`).
+  figures; fixed parameters get no chart (:func:`plotted`) and are logged once.
 - :func:`with_scale`: a heatmap with its colour bar and the values at its ends and middle,
   drawn with NumPy (a 3 × 5 pixel font), so no plotting library is needed.
 - :func:`fit_hparams`: the hparams table: optimiser, REML / ML, solver, sizes, iterations and
@@ -12,7 +12,7 @@ an hparams table of the fit.
 >>> layout(["residual/sigma^2"])["fit"]["log-likelihood"]
 ['Multiline', ['^loglik$', '^val/loglik$']]
 >>> with_scale(np.zeros((10, 10, 3), np.uint8), 2.0).shape
-(40, 62, 3)
+(40, 44, 3)
 """
 
 from __future__ import annotations
