@@ -3,6 +3,7 @@
 from .base import CovarianceFunction, CovarianceModule, ParamSpec, Structure
 from .checks import Checks
 from .fitting import fit
+from .lmm import FormulaModel, lmm, lmm_model
 from .model import MixedModel
 from .operators import *  # noqa: F401,F403
 from .operators import __all__ as _operators
@@ -15,6 +16,6 @@ from .layers import *  # noqa: F401,F403
 
 __version__ = "0.1.0"
 __all__ = ["CovarianceFunction", "CovarianceModule", "ParamSpec", "Structure",
-           "MixedModel", "Checks", "fit", "FitResult", "REML", "REMLLoss", "MLLoss", "reml_loss",
+           "MixedModel", "Checks", "fit", "lmm", "lmm_model", "FormulaModel", "FitResult", "REML", "REMLLoss", "MLLoss", "reml_loss",
            "ml_loss",
            *_structures, *_operators, *_layers]
