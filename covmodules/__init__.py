@@ -4,6 +4,7 @@ from .base import CovarianceFunction, CovarianceModule, ParamSpec, Structure
 from .checks import Checks
 from .fitting import fit
 from .inference import anova
+from .lmm import FormulaModel, lmm, lmm_model
 from .model import MixedModel
 from .operators import *  # noqa: F401,F403
 from .operators import __all__ as _operators
@@ -16,6 +17,6 @@ from .layers import *  # noqa: F401,F403
 
 __version__ = "0.1.0"
 __all__ = ["CovarianceFunction", "CovarianceModule", "ParamSpec", "Structure",
-           "MixedModel", "Checks", "fit", "anova", "FitResult", "REML", "REMLLoss", "MLLoss", "reml_loss",
-           "ml_loss",
+           "MixedModel", "Checks", "fit", "anova", "lmm", "lmm_model", "FormulaModel", "FitResult",
+           "REML", "REMLLoss", "MLLoss", "reml_loss", "ml_loss",
            *_structures, *_operators, *_layers]

@@ -9,6 +9,7 @@ from .diagonal import DiagonalMatrix
 from .equal_entry import EqualEntryMatrix
 from .equicorrelation import EquicorrelationMatrix
 from .factor_analytic import FactorAnalyticMatrix
+from .heterogeneous import HeterogeneousCSMatrix, HeterogeneousToeplitzMatrix
 from .fixed import FixedMatrix
 from .identity import IdentityMatrix
 from .known import KnownMatrix
@@ -20,6 +21,7 @@ from .unconstrained import UnconstrainedMatrix
 
 __all__ = ["AR1Matrix", "BlockDesignMatrix", "CAR1Matrix", "CompoundSymmetricMatrix", "DesignMatrix",
            "DiagonalMatrix", "EqualEntryMatrix", "EquicorrelationMatrix",
-           "FactorAnalyticMatrix", "FixedMatrix", "IdentityMatrix", "KnownMatrix",
+           "FactorAnalyticMatrix", "FixedMatrix", "HeterogeneousCSMatrix",
+           "HeterogeneousToeplitzMatrix", "IdentityMatrix", "KnownMatrix",
            "LowerTriangularMatrix", "ScalarMatrix", "SimpleMatrix", "ToeplitzMatrix",
            "UnconstrainedMatrix"]
