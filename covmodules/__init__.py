@@ -4,6 +4,8 @@ from .base import CovarianceFunction, CovarianceModule, ParamSpec, Structure
 from .checks import Checks
 from .fitting import fit
 from .model import MixedModel
+from . import transform  # torch-openreml's covariance.transform
+from .param import simple_param_specs
 from .operators import *  # noqa: F401,F403
 from .operators import __all__ as _operators
 from .structures import *  # noqa: F401,F403
@@ -16,5 +18,5 @@ from .layers import *  # noqa: F401,F403
 __version__ = "0.1.0"
 __all__ = ["CovarianceFunction", "CovarianceModule", "ParamSpec", "Structure",
            "MixedModel", "Checks", "fit", "FitResult", "REML", "REMLLoss", "MLLoss", "reml_loss",
-           "ml_loss",
+           "ml_loss", "simple_param_specs", "transform",
            *_structures, *_operators, *_layers]

@@ -22,12 +22,12 @@ from typing import Callable
 
 import torch
 
-from covmodules import (AR1Matrix, BlockDesignMatrix, CAR1Matrix, CompoundSymmetricMatrix,
-                        CovariancePropagation, DesignMatrix, DiagonalMatrix, EqualEntryMatrix,
-                        EquicorrelationMatrix, FactorAnalyticMatrix, Gram, Grouped,
-                        IdentityMatrix, KnownMatrix, KroneckerProduct, LowerTriangularMatrix,
-                        MixedModel, ScalarMatrix, SimpleMatrix, Sum, ToeplitzMatrix,
-                        UnconstrainedMatrix)
+from covmodules import (Adapter, AR1Matrix, BlockDesignMatrix, CAR1Matrix,
+                        CompoundSymmetricMatrix, CovariancePropagation, DesignMatrix,
+                        DiagonalMatrix, DummyMatrix, EqualEntryMatrix, EquicorrelationMatrix,
+                        FactorAnalyticMatrix, Gram, Grouped, HadamardProduct, IdentityMatrix,
+                        KnownMatrix, KroneckerProduct, LowerTriangularMatrix, MixedModel,
+                        ScalarMatrix, SimpleMatrix, Sum, ToeplitzMatrix, UnconstrainedMatrix)
 from covmodules.linalg import complete_grid
 from covmodules.transforms import ExpPow2, Identity
 
@@ -35,7 +35,8 @@ DTYPE = torch.float64
 SEED = 20240611
 
 #: structures that carry no parameters (designs, constants): nothing to estimate or rescale
-PARAMETERLESS = {"IdentityMatrix", "FixedMatrix", "DesignMatrix", "BlockDesignMatrix"}
+PARAMETERLESS = {"IdentityMatrix", "FixedMatrix", "DesignMatrix", "BlockDesignMatrix",
+                 "DummyMatrix"}
 
 #: how each natural-scale parameter moves when ``y -> s y``: ``value * s ** power``. Keyed on
 #: the leaf name without its index (``sigma^2[3]`` -> ``sigma^2``); see the structures'
@@ -145,16 +146,26 @@ def _simple():
     return SimpleMatrix(_simple_fn, (2, 2), {"sigma^2": (0.0, ExpPow2()), "c": (0.0, Identity())})
 
 
-def _scalar_intercept():
+def _adapter():
+    """``σ² [[1, ρ], [ρ, 1]]`` with the equicorrelation's free value ``2 θ`` (torch-openreml's
+    Adapter; ``theta`` is unitless)."""
+    specs = {"theta": {"fixed": False, "default": torch.tensor([0.0]), "trans": Identity()}}
+    return HadamardProduct(scale=ScalarMatrix(1),
+                           corr=Adapter(EquicorrelationMatrix(2), specs, lambda t: 2 * t))
+
+
+def _scalar_intercept(name="scalar_intercept", design=None):
+    """``y ~ 1 + x + (1 | g)``; ``design(codes, L)`` makes ``Z`` (a block design by default)."""
     L, T = 12, 5
 
     def build(r, y, solver):
-        Z = block_z(r["g"], torch.ones(r["g"].numel(), 1), L)
+        Z = (block_z(r["g"], torch.ones(r["g"].numel(), 1), L) if design is None
+             else design(r["g"], L))
         model = MixedModel(random={"g": (Z, ScalarMatrix(L))},
                            residual=ScalarMatrix(r["g"].numel()))
         return model, y, design_x(r["x"])
 
-    return ModelSpec("scalar_intercept", ("dense", "grouped", "woodbury"),
+    return ModelSpec(name, ("dense", "grouped", "woodbury"),
                      lambda: longitudinal(L, T, seed=1), build,
                      {"g/sigma^2": 0.8, "residual/sigma^2": 0.5}, beta=(2.0, -1.0),
                      factors={"g": L}, terms={"g": ("g", 1)})
@@ -273,6 +284,10 @@ def _catalogue() -> list[ModelSpec]:
                       "residual/sigma^2": 0.5}),
         _slope_model("simple_slope", _simple,
                      {"g/cov/sigma^2": 0.8, "g/cov/c": 0.5, "residual/sigma^2": 0.5}),
+        _slope_model("adapter_slope", _adapter,
+                     {"g/cov/scale/sigma^2": 0.8, "g/cov/corr/theta": 0.2,
+                      "residual/sigma^2": 0.5}),
+        _scalar_intercept("dummy_intercept", lambda codes, L: DummyMatrix(codes)),
         _known(),
         _crossed(),
         _grouped_residual("grouped_ar1", lambda: AR1Matrix(6),
