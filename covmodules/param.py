@@ -115,6 +115,13 @@ class ParamSpecs(list):
     def get(self, key, default=None):
         return self[key] if key in self else default
 
+    def __eq__(self, other) -> bool:
+        if isinstance(other, Mapping):                 # upstream's dict
+            return dict(self.items()) == dict(other)
+        return super().__eq__(other)
+
+    __hash__ = None
+
 
 class NameDict(dict):
     """A dict keyed by parameter names (or operand paths) that also finds an entry by its

@@ -15,6 +15,7 @@ from covmodules import (Adapter, AR1Matrix, BlockDiagonal, CovariancePropagation
                         SimpleMatrix, Sum, UnconstrainedMatrix, simple_param_specs)
 from covmodules.testing import check_gradients, random_points
 from covmodules.transform import TransformExp, TransformIdentity
+from covmodules.transforms import ExpPow2
 
 DTYPE = torch.float64
 PRINTED = dict(atol=5e-5, rtol=0)
@@ -158,6 +159,15 @@ def test_simple_matrix_upstream_signature():
     close(grad, torch.eye(3)[:, None, :].expand(3, 3, 3).mul(torch.eye(3)).tolist())
     assert names == ["theta_0", "theta_1", "theta_2"]
     assert SimpleMatrix(2, my_v).free_param_defaults.tolist() == [0.0, 0.0]
+    assert SimpleMatrix(0, call=lambda p: torch.eye(2)).grad() == (None, [])
+    with pytest.raises(ValueError, match="'call' must be provided"):
+        SimpleMatrix(3, call=None)
+    # as upstream, call sees the free parameters only
+    seen = []
+    fixed = SimpleMatrix(2, lambda t: seen.append(t) or t.sum() * torch.eye(2, dtype=t.dtype))
+    fixed.fix("theta_1", 5.0)
+    close(fixed(torch.tensor([2.0])), [[2.0, 0.0], [0.0, 2.0]])
+    assert seen[-1].tolist() == [2.0]
 
 
 def test_simple_matrix_manual_grad_callback_is_used():
@@ -217,6 +227,7 @@ def test_dummy_matrix_examples():
     assert mat.colnames == ["rep2⋈block1", "rep2⋈block2", "rep1⋈block1"]
     mat = DummyMatrix(["rep1", "rep2", "rep2"])
     assert mat(torch.tensor([], dtype=DTYPE)).dtype == DTYPE and mat.num_params == 0
+    assert mat.param_specs == {} and mat.grad(torch.tensor([])) == (None, [])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert DummyMatrix(rep, block).shape == (3, 4)
@@ -341,6 +352,18 @@ def test_adapter_example_and_chain_rule():
         assert names == ["logit"]
     check_gradients(adapter, random_points(adapter, 3))
     assert [n for n, _ in adapter.named_parameters()] == ["logit"]
+    # as upstream (its tests/covariance/test_adapter.py), param_map sees the free parameters
+    seen = []
+    specs = {**param_specs, "offset": {"fixed": True, "default": torch.tensor([0.5]),
+                                       "trans": TransformIdentity()}}
+    fixed = Adapter(DiagonalMatrix(2), specs, lambda t: seen.append(t) or param_map(t))
+    fixed(torch.tensor([0.7]))
+    assert torch.equal(seen[-1], torch.tensor([0.7])) and fixed.num_free_params == 1
+    J, names = fixed.manual_grad(torch.tensor([0.3], dtype=DTYPE))
+    assert J.shape == (1, 2, 2) and names == ["logit"]
+    torch.testing.assert_close(J, fixed.auto_grad(torch.tensor([0.3], dtype=DTYPE))[0])
+    fixed.param_specs["logit"]["fixed"] = True
+    assert fixed.manual_grad() == (None, [])
     with pytest.raises(ValueError, match="identity transform"):
         Adapter(adaptee, simple_param_specs(1, trans=TransformExp()), param_map)
     with pytest.raises(ValueError, match=r"param_map must return a tensor of shape \(2,\)"):
@@ -412,4 +435,6 @@ def test_param_specs_mapping():
     with pytest.raises(KeyError, match="unknown parameter"):
         specs["rho"]
     assert [s.name for s in op.param_specs] == op.param_names          # still the records
+    assert ScalarMatrix(2).param_specs == {"sigma^2": {"fixed": False, "trans": ExpPow2(),
+                                                       "default": torch.zeros(1, dtype=DTYPE)}}
 

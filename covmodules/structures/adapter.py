@@ -5,8 +5,9 @@ r"""torch-openreml's Adapter: a covariance module re-parameterised by a map of n
           = \sum_a \frac{\partial m_a}{\partial \theta_k}
             \frac{\partial \mathbf{A}}{\partial \phi_a}\Big|_{\phi = m(\theta)},
 
-where ``A`` (the adaptee) is evaluated at free-scale parameters ``phi = m(theta)``; the
-Jacobian is the chain rule through the adaptee's Jacobian and the map's (by the adapter's
+where ``A`` (the adaptee) is evaluated at free-scale parameters ``phi = m(theta)`` and, as in
+torch-openreml, ``theta`` holds the adapter's *free* parameters (a fixed one is not passed to
+``m`` and does not enter ``V``). The Jacobian is the chain rule through the adaptee's Jacobian and the map's (by the adapter's
 ``jacobian_method``). The adaptee's own registered parameters are not used, and it is not a
 submodule (its parameters are not the adapter's); ``.to()`` moves it along.
 """
@@ -21,7 +22,7 @@ from ..transforms import Identity
 class Adapter(Structure):
     r"""``adaptee(param_map(theta))`` for the parameters ``theta`` of ``param_specs`` (an
     upstream specification dict, identity transforms only; see
-    :func:`~covmodules.simple_param_specs`). ``param_map`` takes the 1-D tensor of all
+    :func:`~covmodules.simple_param_specs`). ``param_map`` takes the 1-D tensor of the free
     ``theta`` and returns the adaptee's free parameters.
 
     Example::
@@ -66,17 +67,18 @@ class Adapter(Structure):
         return phi
 
     def _evaluate(self, nat):
-        a = self.adaptee
-        return a._evaluate(a._natural(a._full_raw(self._mapped(nat).to(nat.dtype))))
+        a, theta = self.adaptee, nat[self._param_table().free_index]
+        return a._evaluate(a._natural(a._full_raw(self._mapped(theta).to(nat.dtype))))
 
     def _jacobian(self, nat):
-        phi = self._mapped(nat.detach())
-        J_a, _ = self.adaptee.grad(phi.to(nat.dtype))
-        if J_a is None:
-            return nat.new_zeros(self.num_params, *self.shape)
-        J_m = jacobian(self._mapped, nat.detach(), self.jacobian_method,
-                       self.jacobian_chunk_size)
-        return torch.einsum("ak,aij->kij", J_m.to(nat.dtype), J_a.to(nat.dtype))
+        free_index = self._param_table().free_index
+        theta = nat.detach()[free_index]
+        J = nat.new_zeros(self.num_params, *self.shape)
+        J_a, _ = self.adaptee.grad(self._mapped(theta).to(nat.dtype))
+        if J_a is not None and free_index:
+            J_m = jacobian(self._mapped, theta, self.jacobian_method, self.jacobian_chunk_size)
+            J[free_index] = torch.einsum("ak,aij->kij", J_m.to(nat.dtype), J_a.to(nat.dtype))
+        return J
 
     def _apply(self, fn, *args, **kwargs):
         self.adaptee._apply(fn, *args, **kwargs)

@@ -13,7 +13,7 @@ structure with closed-form derivatives is faster.
 torch-openreml's form ``SimpleMatrix(num_free_params, call, manual_grad=None, default=0.0)``
 works too: parameters ``theta_0``, ... (identity transform, all at ``default``), ``call(theta)``
 returns the matrix and ``manual_grad(theta)``, when given, its ``(J, names)``, used in place of
-autograd.
+autograd; as upstream, both receive the *free* parameters only.
 """
 
 import numbers
@@ -63,13 +63,15 @@ class SimpleMatrix(Structure):
         super().__init__()
         upstream = "num_free_params" in kwargs or (
             args and isinstance(args[0], numbers.Integral) and not isinstance(args[0], bool))
-        self._manual_grad = None
+        self._manual_grad, self._free_only = None, bool(upstream)
         if upstream:
             self._init_upstream(*args, **kwargs)
         else:
             self._init_fn(*args, **kwargs)
 
     def _init_upstream(self, num_free_params, call, manual_grad=None, default=0.0):
+        if call is None:
+            raise ValueError("'call' must be provided: a function of the free parameters")
         if not callable(call):
             raise TypeError(f"call must be callable, got {type(call).__name__}")
         if manual_grad is not None and not callable(manual_grad):
@@ -110,8 +112,12 @@ class SimpleMatrix(Structure):
     def shape(self):
         return self._shape
 
+    def _inputs(self, nat):
+        """What ``fn`` receives: all parameters, or (torch-openreml's form) the free ones."""
+        return nat[self._param_table().free_index] if self._free_only else nat
+
     def _evaluate(self, nat):
-        V = self.fn(nat)
+        V = self.fn(self._inputs(nat))
         if not isinstance(V, torch.Tensor):
             raise TypeError(f"fn must return a torch.Tensor, got {type(V).__name__}")
         if tuple(V.shape) != self._shape:
@@ -119,14 +125,16 @@ class SimpleMatrix(Structure):
         return V.to(nat.dtype)
 
     def _jacobian(self, nat):
-        if self._manual_grad is not None:
-            J = self._manual_grad(nat)[0]
-            if not isinstance(J, torch.Tensor) or tuple(J.shape) != (self.num_params,
-                                                                     *self._shape):
-                raise ValueError(f"manual_grad must return (J, names) with J of shape "
-                                 f"{(self.num_params, *self._shape)}")
-            return J.to(nat.dtype)
         J = nat.new_zeros(self.num_params, *self._shape)
+        if self._manual_grad is not None:
+            free_index = self._param_table().free_index
+            J_free = self._manual_grad(self._inputs(nat))[0]
+            if (not isinstance(J_free, torch.Tensor)
+                    or tuple(J_free.shape) != (len(free_index), *self._shape)):
+                raise ValueError(f"manual_grad must return (J, names) with J of shape "
+                                 f"{(len(free_index), *self._shape)}")
+            J[free_index] = J_free.to(nat.dtype)
+            return J
         with torch.enable_grad():
             x = nat.detach().requires_grad_(True)
             V = self._evaluate(x)
