@@ -67,7 +67,7 @@ def test_positional_operands_answer_to_op_i():
 @pytest.mark.parametrize("make", [
     lambda: Sum(KroneckerProduct(AR1Matrix(2), DiagonalMatrix(3)), ScalarMatrix(6)),
     lambda: BlockDiagonal(LowerTriangularMatrix(2), DiagonalMatrix(2), AR1Matrix(2)),
-    lambda: HadamardProduct(DiagonalMatrix(3), Gram(LowerTriangularMatrix(3, 2))),
+    lambda: HadamardProduct(DiagonalMatrix(3), Gram(LowerTriangularMatrix(3, 2), gram_type="xxt")),
 ])
 def test_every_alias_addresses_its_parameter(make):
     """For the class, not one case: each parameter's alias, wherever a name is accepted,
@@ -87,9 +87,10 @@ def test_every_alias_addresses_its_parameter(make):
 
 # ------------------------------------------------------------------- 2. LowerTriangular
 def test_lower_triangular_row_major_layout():
-    # DOCS torch_openreml.covariance.LowerTriangularMatrix.html
-    mat = LowerTriangularMatrix(3, 2, order="row")
+    # DOCS torch_openreml.covariance.LowerTriangularMatrix.html: the default layout
+    mat = LowerTriangularMatrix(3, 2)
     assert mat.free_param_defaults.tolist() == [1.0] * 5
+    close(mat(), [[1.0, 0.0], [1.0, 1.0], [1.0, 1.0]])
     free_params = torch.tensor([0.0, 0.5, 1.0, 0.2, -0.3])
     close(mat(free_params), [[0.0, 0.0], [0.5, 1.0], [0.2, -0.3]])
     grad, names = mat.grad(free_params)
@@ -98,22 +99,37 @@ def test_lower_triangular_row_major_layout():
         expected[k, i, j] = 1.0
     close(grad, expected.tolist())
     assert names == ["L[0,0]", "L[1,0]", "L[1,1]", "L[2,0]", "L[2,1]"]
-    # the same entry under either order answers to L_i_j
-    col = LowerTriangularMatrix(3, 2)
+    # covmodules' former layout under order="col": the same entry answers to L_i_j
+    col = LowerTriangularMatrix(3, 2, order="col")
+    assert col.free_param_names == ["L[0,0]", "L[1,0]", "L[2,0]", "L[1,1]", "L[2,1]"]
     for m in (mat, col):
         m.set_param("L_2_0", 7.0)
         assert m()[2, 0] == 7.0
-    assert LowerTriangularMatrix(2, 3, order="row").shape == (2, 3)     # upstream allows m > n
+    assert LowerTriangularMatrix(2, 3).shape == (2, 3)                  # upstream allows m > n
     check_gradients(mat, random_points(mat, 2))
-    with pytest.raises(ValueError, match="order must be 'column' or 'row'"):
-        LowerTriangularMatrix(2, order="rows")
+    with pytest.raises(ValueError, match="order must be 'row' or 'col'"):
+        LowerTriangularMatrix(2, order="column")
+
+
+@pytest.mark.parametrize("shape", [(3,), (4, 2)])
+def test_lower_triangular_state_dict_moves_between_orders(shape):
+    """Names key the state dict, so a module saved under one order loads into the other and
+    gives the same matrix; only the flat order of the free vector differs."""
+    col = Gram(L=LowerTriangularMatrix(*shape, order="col"), gram_type="xxt")
+    for k, name in enumerate(col.free_param_names):
+        col.set_param(name, 0.3 * k - 0.7)
+    row = Gram(L=LowerTriangularMatrix(*shape), gram_type="xxt")
+    row.load_state_dict(col.state_dict())
+    torch.testing.assert_close(row(), col())
+    assert sorted(row.free_param_names) == sorted(col.free_param_names)
+    assert row.free_param_names != col.free_param_names
 
 
 # ----------------------------------------------------------------------------- 3. Gram
 def test_gram_type():
     # DOCS torch_openreml.covariance.Gram.html (x = upstream's LowerTriangularMatrix(3, 2))
-    x = LowerTriangularMatrix(3, 2, order="row")
-    op = Gram(x, gram_type="xtx")
+    x = LowerTriangularMatrix(3, 2)
+    op = Gram(x)
     close(op(), [[3.0, 2.0], [2.0, 2.0]])
     op_xxt = Gram(x, gram_type="xxt")
     close(op_xxt(), [[1.0, 1.0, 1.0], [1.0, 2.0, 2.0], [1.0, 2.0, 2.0]])
@@ -125,6 +141,8 @@ def test_gram_type():
     grad_xxt, _ = op_xxt.manual_grad(free_params)
     close(grad_xxt[3], [[0.0, 0.0, 0.0], [0.0, 0.0, 0.5], [0.0, 0.5, 0.4]])
     assert (op.gram_type, op.form, op_xxt.gram_type) == ("xtx", "XtX", "xxt")
+    torch.testing.assert_close(Gram(x, gram_type="xtx")(), op())
+    torch.testing.assert_close(Gram(x, form="XXt")(), op_xxt())
     with pytest.raises(ValueError, match="gram_type must be 'xtx' or 'xxt'"):
         Gram(x, gram_type="XtX")
     with pytest.raises(ValueError, match="not both"):

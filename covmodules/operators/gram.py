@@ -13,25 +13,26 @@ GRAM_TYPES = {"xxt": "XXt", "xtx": "XtX"}
 
 
 class Gram(Operator):
-    r"""Gram matrix :math:`\mathbf{X X}^\top` (``form="XXt"``) or :math:`\mathbf{X}^\top\mathbf{X}`.
+    r"""Gram matrix :math:`\mathbf{X}^\top\mathbf{X}` (default) or :math:`\mathbf{X X}^\top`.
 
     One operand ``X`` (a module or a fixed tensor, any shape), given positionally or by
-    keyword; ``form`` (keyword-only) is ``"XXt"`` (default) or ``"XtX"``; torch-openreml's
-    ``gram_type="xxt" | "xtx"`` says the same (give one of the two). ``Gram(L)`` with ``L`` a
-    loading matrix is a low-rank (factor-analytic) covariance ``L Lᵀ``.
+    keyword; ``gram_type`` (keyword-only, torch-openreml's) is ``"xtx"`` (default, ``XᵀX``) or
+    ``"xxt"`` (``X Xᵀ``), and ``form="XtX" | "XXt"`` says the same (give one of the two).
+    ``Gram(L, gram_type="xxt")`` with ``L`` a loading matrix is a low-rank (factor-analytic)
+    covariance ``L Lᵀ``.
 
     Example::
 
         >>> import torch
         >>> from covmodules import Gram
         >>> X = torch.tensor([[1.0, 2.0], [0.0, 1.0], [1.0, 0.0]])
-        >>> Gram(X, form="XtX")()
+        >>> Gram(X)()
         tensor([[2., 2.],
                 [2., 5.]])
-        >>> Gram(X)().shape
+        >>> Gram(X, gram_type="xxt")().shape
         torch.Size([3, 3])
-        >>> Gram(X, gram_type="xtx").form
-        'XtX'
+        >>> Gram(X, form="XXt").gram_type
+        'xxt'
     """
 
     min_operands = max_operands = 1
@@ -43,7 +44,7 @@ class Gram(Operator):
             if gram_type not in GRAM_TYPES:
                 raise ValueError(f"gram_type must be 'xtx' or 'xxt', got {gram_type!r}")
             form = GRAM_TYPES[gram_type]
-        form = "XXt" if form is None else form
+        form = "XtX" if form is None else form
         if form not in FORMS:
             raise ValueError(f"Gram form must be one of {FORMS}, got {form!r}")
         super().__init__(*args, **kwargs)
