@@ -162,12 +162,13 @@ def _design_module(name: str, Z, G) -> CovarianceModule:
         if Z.num_free_params:
             raise ValueError(f"Z of random term {name!r} must have no free parameters")
         return Z
-    Z = FixedMatrix(Z, name=f"Z of random term {name!r}")
     view = G.repeated_block_view() if isinstance(G, CovarianceModule) else None
-    if view is None or view.count * view.block.shape[0] != Z.shape[1]:
-        return Z
-    rows = block_pattern(Z._evaluate(Z.build_params()), view.block.shape[0])
-    if rows is None:
-        return Z
-    codes, values = rows
-    return BlockDesignMatrix(codes.clamp(min=0), values, view.count)
+    if (view is not None and isinstance(Z, torch.Tensor) and Z.dim() == 2
+            and Z.shape[1] == view.count * view.block.shape[0]):
+        rows = block_pattern(Z, view.block.shape[0])
+        if rows is not None:
+            codes, values = rows
+            if not bool(torch.isfinite(values).all()):
+                raise ValueError(f"Z of random term {name!r} contains NaN or inf")
+            return BlockDesignMatrix(codes.clamp(min=0), values, view.count)
+    return FixedMatrix(Z, name=f"Z of random term {name!r}")

@@ -122,7 +122,7 @@ class MixedModelFactor:
         D: ``(m0, k0, k0)`` diagonal blocks of term 0 (each ``≥ I``, so their triangular
             inverses, kept for the solves, are well conditioned).
         B: per other term, ``(pairs, k0, k_u)`` blocks of ``M_{0u}``.
-        C: ``(s, s)`` block of the other terms.
+        C: ``(s, s)`` block of the other terms (overwritten by the Schur complement).
     """
 
     def __init__(self, pattern: Pattern, D, B: list[torch.Tensor], C: torch.Tensor):
@@ -134,7 +134,7 @@ class MixedModelFactor:
         self.LDinv = torch.linalg.solve_triangular(self.LD, eye, upper=False)   # k0 x k0 each
         self.E = [self.LDinv[b.levels] @ part
                   for b, part in zip(pattern.buckets, pattern.to_buckets(B))]
-        S = C.clone()
+        S = C
         for b, E in zip(pattern.buckets, self.E):
             S.index_put_((b.columns[:, :, None], b.columns[:, None, :]),
                          -(E.transpose(1, 2) @ E), accumulate=True)

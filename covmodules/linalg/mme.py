@@ -155,13 +155,13 @@ class MMESolver(Solver):
                 + self.OVERHEAD * len(self.terms))
 
     def _cross_products(self, w: torch.Tensor):
-        """``Zᵀ diag(w) Z`` as ``(D blocks, pair blocks per other term, dense rest)``."""
+        """``Zᵀ diag(w) Z = c · (D blocks, pair blocks per other term, dense rest)``: the sums
+        of unit weights (kept) and ``c = w_0`` for a constant ``w``, else those of ``w`` and 1."""
         if bool((w == w[0]).all()):
             if self._unit is None or self._unit[0].dtype != w.dtype:
                 self._unit = self._sums(torch.ones_like(w))
-            D, B, C = self._unit
-            return D * w[0], [b * w[0] for b in B], C * w[0]
-        return self._sums(w)
+            return (*self._unit, w[0])
+        return (*self._sums(w), w.new_ones(()))
 
     def _sums(self, w):
         t0, rest, p = self.terms[0], self.terms[1:], self.pattern
@@ -192,31 +192,33 @@ class MMESolver(Solver):
         floor = 1e-120 * float(r.mean())
         lams = [_root(t.block._evaluate(nat[t.offset:t.offset + t.num_params]), floor)
                 for t in self.terms]
-        Kd, Kb, Kc = self._cross_products(1 / r)
+        Kd, Kb, Kc, c = self._cross_products(1 / r)
         L0 = lams[0]
-        D = L0.T @ Kd @ L0 + torch.eye(L0.shape[0], dtype=r.dtype, device=r.device)
-        B = [L0.T @ b @ L for b, L in zip(Kb, lams[1:])]
-        C = _lam_t_rows_cols(lams[1:], self.terms[1:], Kc)
+        D = c * (L0.T @ Kd @ L0) + torch.eye(L0.shape[0], dtype=r.dtype, device=r.device)
+        B = [c * (L0.T @ b @ L) for b, L in zip(Kb, lams[1:])]
+        C = _lam_t_rows_cols(lams[1:], self.terms[1:], Kc).mul_(c)    # the one s x s copy
         C.diagonal().add_(1.0)
         return MMEFactor(r, self.terms, lams, MixedModelFactor(self.pattern, D, B, C))
 
     def natural_gradient(self, nat, state: GLSState):
         f, Py, p = state.factor, state.Py, self.pattern
         w = 1 / f.r
-        Kd, Kb, Kc = self._cross_products(w)
+        Kd, Kb, Kc, c = self._cross_products(w)
         Sd, Sb, Sinv = f.M.selected_inverse()
         lams, rest = f.lams, self.terms[1:]
         L0 = lams[0]
-        # H_t = Σ_j [K Λ M⁻¹]_jj
+        # H_t = Σ_j [K Λ M⁻¹]_jj, K = c (Kd, Kb, Kc)
         H = [(Kd @ L0 @ Sd).sum(0)]
         H[0] = H[0] + sum(((b @ L) @ s.transpose(1, 2)).sum(0)
                           for b, L, s in zip(Kb, lams[1:], Sb))
-        KL = _lam_cols(lams[1:], rest, Kc)                  # K_rest Λ_rest
+        KL = _lam_cols(lams[1:], rest, Kc)                  # K_rest Λ_rest / c
         for t, off, L, b, s in zip(rest, p.offsets, lams[1:], Kb, Sb):
             q = t.m * t.k
             dense = (KL[off:off + q].reshape(t.m, t.k, -1)
                      @ Sinv[:, off:off + q].T.reshape(t.m, t.k, -1).transpose(1, 2)).sum(0)
             H.append((b.transpose(1, 2) @ L0 @ s).sum(0) + dense)
+        del KL
+        H = [c * h for h in H]
         W = f.unwhiten(state.low_rank_x()) if state.method == "reml" else None
         quad = self._row_quadratic(f, Sd, Sb, Sinv)
         d = w - w * w * quad - Py ** 2

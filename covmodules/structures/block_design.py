@@ -36,6 +36,7 @@ def block_rmatmul(codes, values, num_levels: int, W: torch.Tensor) -> torch.Tens
 def block_pattern(Z: torch.Tensor, k: int):
     """``(level, values)`` when every row of a dense ``Z`` (``n x L k``) is zero outside one
     block of ``k`` columns (``level = -1`` and zero values for a row of zeros), else ``None``.
+    One pass over ``Z``'s nonzeros; no temporary of ``Z``'s size.
 
     >>> block_pattern(torch.tensor([[0.0, 0.0, 1.0, 2.0], [3.0, 4.0, 0.0, 0.0]]), 2)
     (tensor([1, 0]), tensor([[1., 2.],
@@ -44,13 +45,18 @@ def block_pattern(Z: torch.Tensor, k: int):
     n, q = Z.shape
     if q % k:
         return None
-    Z = Z.reshape(n, q // k, k)
-    nonzero = (Z != 0).any(2)
-    count = nonzero.sum(1)
-    if bool((count > 1).any()):
+    rows, cols = Z.nonzero(as_tuple=True)
+    blocks = cols // k
+    first = torch.full((n,), q, dtype=blocks.dtype, device=Z.device).scatter_reduce(
+        0, rows, blocks, "amin")
+    last = torch.full((n,), -1, dtype=blocks.dtype, device=Z.device).scatter_reduce(
+        0, rows, blocks, "amax")
+    empty = last < 0
+    if bool((~empty & (first != last)).any()):
         return None
-    level = torch.where(count == 1, nonzero.to(torch.int8).argmax(1), -1)
-    values = Z[torch.arange(n), level.clamp(min=0)] * (count == 1)[:, None]
+    level = torch.where(empty, -1, last)
+    columns = level.clamp(min=0)[:, None] * k + torch.arange(k, device=Z.device)
+    values = Z.gather(1, columns) * (~empty)[:, None]
     return level, values
 
 
