@@ -68,26 +68,39 @@ def _root(S: torch.Tensor, floor: float) -> torch.Tensor:
 def _lam_t(L, x):
     """``(I ⊗ L)ᵀ x`` for ``x`` of shape ``(m k, r)``."""
     k = L.shape[0]
+    if k == 1:
+        return x * L[0, 0]
     return torch.einsum("ba,mbr->mar", L, x.reshape(-1, k, x.shape[-1])).reshape(x.shape)
 
 
 def _lam(L, x):
     """``(I ⊗ L) x``."""
     k = L.shape[0]
+    if k == 1:
+        return x * L[0, 0]
     return torch.einsum("ab,mbr->mar", L, x.reshape(-1, k, x.shape[-1])).reshape(x.shape)
 
 
 class MMEFactor(Factor):
     """``V = R + Z Λ Λᵀ Zᵀ`` through the blocked factor of ``M``; signature ``(+n, −q)``."""
 
-    def __init__(self, r, terms: list[_Term], lams: list[torch.Tensor], M: MixedModelFactor):
+    def __init__(self, r, terms: list[_Term], lams: list[torch.Tensor], M: MixedModelFactor,
+                 data_sums=None):
         self.r, self.terms, self.lams, self.M, self.n = r, terms, lams, M, r.shape[0]
         self.logdet = torch.log(r).sum() + M.logdet
+        self.data_sums = data_sums if bool((r == r[0]).all()) else None
 
     def lam_zt(self, B):
         """``Λᵀ Zᵀ B`` (``q x r``)."""
         return torch.cat([_lam_t(L, block_rmatmul(t.codes, t.values, t.m, B))
                           for t, L in zip(self.terms, self.lams)])
+
+    def _lam_zt_r(self, B):
+        """``Λᵀ Zᵀ R⁻¹ B``, from the kept ``Z̃ᵀ B`` of the fit's data when ``R = r I``."""
+        sums = None if self.data_sums is None else self.data_sums(B)
+        if sums is None:
+            return self.lam_zt(B / self.r[:, None])
+        return torch.cat([_lam_t(L, part) for part, L in zip(sums, self.lams)]) / self.r[0]
 
     def z_lam(self, x):
         """``Z Λ x`` (``n x r``)."""
@@ -99,7 +112,7 @@ class MMEFactor(Factor):
         return out
 
     def whiten(self, B):
-        low = self.M.solve_lower(self.lam_zt(B / self.r[:, None]))
+        low = self.M.solve_lower(self._lam_zt_r(B))
         return torch.cat([B / self.r.sqrt()[:, None], low])
 
     def unwhiten(self, W):
@@ -143,6 +156,7 @@ class MMESolver(Solver):
         self.n = model.shape[0]
         self.pattern = Pattern([t.codes for t in self.terms], [(t.m, t.k) for t in self.terms])
         self._unit = None                                  # Zᵀ Z blocks (R = σ² I)
+        self._data = []                                    # (B, version, Z̃ᵀ B) of y and X
 
     #: flop-equivalent of one evaluation's fixed work per term (its dozen small kernels and
     #: Python steps, about 0.5 ms measured on sleepstudy-sized models against the grouped
@@ -184,6 +198,27 @@ class MMESolver(Solver):
                     C.index_add_(0, index.reshape(-1), value.transpose(1, 2).reshape(-1))
         return D, B, C.reshape(p.s, p.s)
 
+    def state(self, free, y, X, method):
+        """As :meth:`Solver.state`; ``Z̃ᵀ X`` and ``Z̃ᵀ y`` are summed once per data set."""
+        self._data = [(B, B._version, [block_rmatmul(t.codes, t.values, t.m, B.to(free))
+                                       for t in self.terms])
+                      if found is None else found
+                      for B in (X, y[:, None]) for found in [self._data_sums_entry(B)]]
+        return super().state(free, y, X, method)
+
+    def _data_sums_entry(self, B):
+        for entry in self._data:
+            kept, version, _ = entry
+            if (kept.data_ptr() == B.data_ptr() and kept.shape == B.shape
+                    and kept.stride() == B.stride() and kept.dtype == B.dtype
+                    and kept.device == B.device and version == B._version):
+                return entry
+        return None
+
+    def _data_sums(self, B):
+        entry = self._data_sums_entry(B)
+        return None if entry is None else entry[2]
+
     def _r(self, nat):
         return sum(view.values(nat[rows]) for view, rows in self.residual)
 
@@ -198,7 +233,8 @@ class MMESolver(Solver):
         B = [c * (L0.T @ b @ L) for b, L in zip(Kb, lams[1:])]
         C = _lam_t_rows_cols(lams[1:], self.terms[1:], Kc).mul_(c)    # the one s x s copy
         C.diagonal().add_(1.0)
-        return MMEFactor(r, self.terms, lams, MixedModelFactor(self.pattern, D, B, C))
+        return MMEFactor(r, self.terms, lams, MixedModelFactor(self.pattern, D, B, C),
+                         self._data_sums)
 
     def natural_gradient(self, nat, state: GLSState):
         f, Py, p = state.factor, state.Py, self.pattern
@@ -279,7 +315,10 @@ def _lam_cols(lams, terms, K):
     off = 0
     for t, L in zip(terms, lams):
         q = t.m * t.k
-        out[:, off:off + q] = _lam_t(L, K[:, off:off + q].T).T
+        if t.k == 1:
+            out[:, off:off + q] *= L[0, 0]
+        else:
+            out[:, off:off + q] = _lam_t(L, K[:, off:off + q].T).T
         off += q
     return out
 
@@ -290,6 +329,9 @@ def _lam_t_rows_cols(lams, terms, K):
     off = 0
     for t, L in zip(terms, lams):
         q = t.m * t.k
-        KL[off:off + q] = _lam_t(L, KL[off:off + q])
+        if t.k == 1:
+            KL[off:off + q] *= L[0, 0]
+        else:
+            KL[off:off + q] = _lam_t(L, KL[off:off + q])
         off += q
     return KL
