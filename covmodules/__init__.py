@@ -3,6 +3,7 @@
 from .base import CovarianceFunction, CovarianceModule, ParamSpec, Structure
 from .checks import Checks
 from .fitting import fit
+from .lmm import FormulaModel, lmm, lmm_model
 from .model import MixedModel
 from . import transform  # torch-openreml's covariance.transform
 from .param import simple_param_specs
@@ -17,6 +18,6 @@ from .layers import *  # noqa: F401,F403
 
 __version__ = "0.1.0"
 __all__ = ["CovarianceFunction", "CovarianceModule", "ParamSpec", "Structure",
-           "MixedModel", "Checks", "fit", "FitResult", "REML", "REMLLoss", "MLLoss", "reml_loss",
-           "ml_loss", "simple_param_specs", "transform",
+           "MixedModel", "Checks", "fit", "lmm", "lmm_model", "FormulaModel", "FitResult", "REML",
+           "REMLLoss", "MLLoss", "reml_loss", "ml_loss", "simple_param_specs", "transform",
            *_structures, *_operators, *_layers]

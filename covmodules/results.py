@@ -36,6 +36,7 @@ class FitResult:
     boundary: list[str] = field(default_factory=list)
     history: list[dict] = field(default_factory=list)
     unidentified: list[str] = field(default_factory=list)
+    source: object = None        # the spec and data of a fit built from them (predict)
 
     # ---------------------------------------------------------------- likelihood
     @property
@@ -186,6 +187,13 @@ class FitResult:
                 for name, u in self._blup_vectors().items():
                     out = out + model.z_matmul(name, u[:, None].to(out))[:, 0]
         return out.cpu().numpy()
+
+    def predict(self, newdata: pd.DataFrame | None = None, allow_new_levels: bool = True,
+                include_random: bool = True) -> np.ndarray:
+        """Predictions for ``newdata`` (default: the fitted data) with lme4's semantics; see
+        :mod:`covmodules.prediction`."""
+        from .prediction import predict
+        return predict(self, newdata, allow_new_levels, include_random)
 
     def residuals(self, conditional: bool = True) -> np.ndarray:
         """``y`` minus :meth:`fitted`."""

@@ -34,9 +34,16 @@ name               index columns   covariance of the residuals
 =================  ==============  ===========================================================
 
 Random terms take ``group`` (a column or a list: their interaction), ``terms`` (``"1"`` for the
-intercept, numeric columns or expressions; default ``["1"]``) and ``structure`` of the
-within-level covariance of the terms: ``scalar``, ``diag``, ``us`` (default for several terms)
-or ``cs``.
+intercept, numeric columns or expressions; default ``["1"]``) or ``formula`` (a formula's
+terms, ``"0 + factor(t)"``), and ``structure`` of the within-level covariance of the terms:
+``scalar``, ``diag``, ``us`` (default for several terms), ``cs``, ``hcs`` (heterogeneous
+compound symmetry), ``toep`` (heterogeneous Toeplitz), ``ar1`` or ``rr`` (reduced rank,
+``rank`` columns).
+
+``formula: "y ~ x + (1 | g)"`` (and ``correlation: "ar1(1 | g)"``) gives the model as an R
+formula instead (:mod:`covmodules.formula`): it sets ``response``, the fixed part (built by
+formulaic, :mod:`covmodules.terms`), ``random`` and ``residual``; a ``random`` entry then
+changes only the keys it names of the formula's term.
 
 >>> import pandas as pd
 >>> df = pd.DataFrame({"y": [1.0, 3.0, 2.0, 5.0, 4.0, 6.0], "x": [0.0, 1, 0, 1, 0, 1],
@@ -61,28 +68,39 @@ import pandas as pd
 import torch
 
 from .config import SpecError, fail, mapping, names
-from .design import fixed_design, grouping, random_design
+from .design import Design, fixed_design, grouping, random_design
 from .expressions import parse_term
+from .formula import compile_formula
 from .model import MixedModel
-from .operators import KroneckerProduct
+from .operators import Gram, KroneckerProduct
 from .residuals import RESIDUAL_STRUCTURES, ResidualSpec, TimeAxis
-from .structures import (CompoundSymmetricMatrix, DiagonalMatrix, IdentityMatrix, ScalarMatrix,
-                         UnconstrainedMatrix)
+from .structures import (AR1Matrix, CompoundSymmetricMatrix, DiagonalMatrix,
+                         HeterogeneousCSMatrix, HeterogeneousToeplitzMatrix, IdentityMatrix,
+                         LowerTriangularMatrix, ScalarMatrix, UnconstrainedMatrix)
+from .terms import FormulaDesign
 
 __all__ = ["SpecError", "ModelSpec", "RandomSpec", "ResidualSpec", "Problem", "TimeAxis",
            "RESIDUAL_STRUCTURES", "RANDOM_STRUCTURES"]
 
-RANDOM_STRUCTURES = ("scalar", "diag", "us", "cs")
-SPEC_KEYS = ("response", "fixed", "intercept", "levels", "factors", "random", "residual", "fix")
+RANDOM_STRUCTURES = ("scalar", "diag", "us", "cs", "hcs", "toep", "ar1", "rr")
+SPEC_KEYS = ("formula", "correlation", "response", "fixed", "intercept", "levels", "factors",
+             "random", "residual", "fix")
+_LEAVES = {"scalar": ScalarMatrix, "diag": DiagonalMatrix, "us": UnconstrainedMatrix,
+           "cs": CompoundSymmetricMatrix, "hcs": HeterogeneousCSMatrix,
+           "toep": HeterogeneousToeplitzMatrix, "ar1": AR1Matrix}
 
 
 @dataclass(frozen=True)
 class RandomSpec:
-    """A random term ``(terms | group)`` with the within-level covariance ``structure``."""
+    """A random term ``(terms | group)`` with the within-level covariance ``structure``;
+    ``formula`` (a formula's term, e.g. ``"0 + factor(t)"``) replaces ``terms`` when given,
+    ``rank`` is the number of columns of ``rr``'s loadings."""
 
     group: tuple[str, ...]
     terms: tuple[str, ...] = ("1",)
     structure: str = "scalar"
+    formula: str | None = None
+    rank: int | None = None
 
 
 @dataclass
@@ -113,6 +131,7 @@ class ModelSpec:
     residual: ResidualSpec = field(default_factory=ResidualSpec)
     fix: dict[str, float] = field(default_factory=dict)
     prefix: str = ""
+    formula: str | None = None
 
     # ------------------------------------------------------------------ parsing
     @classmethod
@@ -122,6 +141,10 @@ class ModelSpec:
         unknown = [k for k in config if k not in SPEC_KEYS]
         if unknown:
             fail(f"{prefix}{unknown[0]}: unexpected key; the spec keys are {list(SPEC_KEYS)}")
+        if config.get("formula") is not None:
+            config = _with_formula(config, prefix)
+        elif config.get("correlation") is not None:
+            fail(f"{prefix}correlation: goes with formula (or use residual)")
         if not isinstance(config.get("response"), str) or not config["response"]:
             fail(f"{prefix}response: the response column name is required")
         intercept = config.get("intercept", True)
@@ -144,7 +167,8 @@ class ModelSpec:
                    random=random,
                    residual=ResidualSpec.from_config(config.get("residual", "scalar"),
                                                      f"{prefix}residual"),
-                   fix={k: float(v) for k, v in fix.items()}, prefix=prefix)
+                   fix={k: float(v) for k, v in fix.items()}, prefix=prefix,
+                   formula=config.get("fixed_formula"))
 
     # ------------------------------------------------------------------ building
     def prepare(self, df: pd.DataFrame) -> pd.DataFrame:
@@ -166,21 +190,37 @@ class ModelSpec:
         for name, r in self.random.items():
             for col in r.group:
                 self._column(df, col, f"{p}random.{name}.group")
-            for term in r.terms:
+            for term in () if r.formula is not None else r.terms:
                 if term != "1":
                     _term(term, df.columns, f"{p}random.{name}.terms")
-        for key, col in self.residual.index.items():
-            self._column(df, col, f"{p}residual.{key}")
-        frame = df.copy()
-        for col in self.factors:
-            frame[col] = frame[col].astype(str)
+        for key, cols in self.residual.index.items():
+            for col in names(cols, f"{p}residual.{key}"):
+                self._column(df, col, f"{p}residual.{key}")
+        frame = self.coded(df)
         if self.residual.structure == "ar1xar1_nugget":
             frame = frame.sort_values([self.residual.get("row"), self.residual.get("col")],
                                       kind="stable")
         return frame
 
+    def coded(self, df: pd.DataFrame) -> pd.DataFrame:
+        """A copy of ``df`` with ``factors`` as strings and, for a formula, the columns named
+        in ``levels`` as Categoricals in that order (formulaic reads levels from dtypes)."""
+        frame = df.copy()
+        for col in self.factors:
+            frame[col] = frame[col].astype(str)
+        if self.formula is not None:
+            for col, order in self.levels.items():
+                frame[col] = pd.Categorical(frame[col].astype(str), categories=order)
+        return frame
+
     def design(self, frame: pd.DataFrame):
         """The fixed-effects design (:class:`covmodules.design.Design`) of ``frame``."""
+        if self.formula is not None:
+            try:
+                d = FormulaDesign(self.formula, frame)
+            except ValueError as err:
+                fail(f"{self.prefix}formula: {err}")
+            return Design(d.matrix, d.names, d.levels)
         terms = [_term(t, frame.columns, f"{self.prefix}fixed") for t in self.fixed]
         try:
             return fixed_design(frame, terms, intercept=self.intercept, levels=self.levels)
@@ -194,12 +234,15 @@ class ModelSpec:
                  f"{int((~np.isfinite(y)).sum())} missing or infinite value(s)")
         return torch.tensor(y)
 
-    def covariance(self, frame: pd.DataFrame, axis: TimeAxis | None = None) -> MixedModel:
+    def covariance(self, frame: pd.DataFrame, axis: TimeAxis | None = None,
+                   whole: pd.DataFrame | None = None) -> MixedModel:
         """The covariance model ``V = Σ Z G Zᵀ + R`` of the rows of ``frame``.
 
         ``axis`` (:meth:`time_axis` of the data ``frame``'s rows come from, restricted to
-        them) gives the residual's time positions and size; by default those of ``frame``."""
-        random = {name: self._random_term(name, r, frame) for name, r in self.random.items()}
+        them) gives the residual's time positions and size; by default those of ``frame``;
+        ``whole`` (those data) codes the formula terms of random effects."""
+        random = {name: self._random_term(name, r, frame, whole)
+                  for name, r in self.random.items()}
         residual = self.residual.module(frame, axis, f"{self.prefix}residual")
         model = MixedModel(random=random, residual=residual)
         for name, value in self.fix.items():
@@ -221,14 +264,15 @@ class ModelSpec:
         positions the same across row subsets, so every batch of whole groups has the
         parameters, and the structure, of the whole data."""
         design = self.design(frame) if design is None else design
-        X = design.matrix
+        X, whole = design.matrix, None
         if rows is not None:
+            whole = frame
             axis = self.time_axis(frame) if axis is None else axis
             rows = np.asarray(rows)
             index = torch.as_tensor(rows, dtype=torch.long)
             frame, X = frame.iloc[rows], X[index]
             axis = None if axis is None else axis.take(index)
-        return Problem(self.covariance(frame, axis), self.response_vector(frame), X,
+        return Problem(self.covariance(frame, axis, whole), self.response_vector(frame), X,
                        list(design.names), frame)
 
     def build(self, df: pd.DataFrame) -> Problem:
@@ -275,9 +319,23 @@ class ModelSpec:
         if col not in df.columns:
             fail(f"{key}: unknown column {col!r}; the data has columns {list(df.columns)}")
 
-    def _random_term(self, name, r: RandomSpec, frame):
-        terms = [t if t == "1" else _term(t, frame.columns, f"{self.prefix}random.{name}.terms")
-                 for t in r.terms]
+    def term_specs(self, name: str, frame: pd.DataFrame, fitted: pd.DataFrame | None = None):
+        """The column specs of random term ``name`` for :func:`random_design` on ``frame``
+        (a formula's term coded as in the ``fitted`` data, by default ``frame``)."""
+        r, key = self.random[name], f"{self.prefix}random.{name}"
+        if r.formula is None:
+            return [t if t == "1" else _term(t, frame.columns, f"{key}.terms") for t in r.terms]
+        try:
+            d = FormulaDesign(r.formula, frame if fitted is None else fitted)
+            values = d.matrix if fitted is None else d.evaluate(frame)
+        except ValueError as err:
+            fail(f"{key}: {err}")
+        if not d.names:
+            fail(f"{key}: the term {r.formula!r} has no columns")
+        return [(nm, lambda df, j=j: values[:, j].numpy()) for j, nm in enumerate(d.names)]
+
+    def _random_term(self, name, r: RandomSpec, frame, whole=None):
+        terms = self.term_specs(name, frame, whole)
         group = list(r.group)
         order = self.levels.get(group[0]) if len(group) == 1 else None
         try:
@@ -287,8 +345,8 @@ class ModelSpec:
         k, levels = rd.num_terms, IdentityMatrix(rd.num_levels)
         if k == 1:
             return rd, ScalarMatrix(rd.num_levels)
-        leaf = {"scalar": ScalarMatrix, "diag": DiagonalMatrix, "us": UnconstrainedMatrix,
-                "cs": CompoundSymmetricMatrix}[r.structure](k)
+        leaf = (Gram(loadings=LowerTriangularMatrix(k, min(r.rank, k), order="col"),
+                     gram_type="xxt") if r.structure == "rr" else _LEAVES[r.structure](k))
         return rd, KroneckerProduct(levels=levels, terms=leaf)
 
     def time_axis(self, frame: pd.DataFrame) -> TimeAxis | None:
@@ -300,20 +358,50 @@ def _random_spec(name: str, term, key: str) -> RandomSpec:
     if "/" in name or "." in name or name == "residual":
         fail(f"{key}: a random term name must not contain '/' or '.' nor be 'residual'")
     term = mapping(term, key)
-    unknown = [k for k in term if k not in ("group", "terms", "structure")]
+    allowed = ("group", "terms", "structure", "formula", "rank")
+    unknown = [k for k in term if k not in allowed]
     if unknown:
-        fail(f"{key}.{unknown[0]}: unexpected key; a random term takes group, terms, structure")
+        fail(f"{key}.{unknown[0]}: unexpected key; a random term takes {', '.join(allowed)}")
     if "group" not in term:
         fail(f"{key}.group: the grouping column(s) are required")
+    formula = term.get("formula")
+    if formula is not None and (not isinstance(formula, str) or "terms" in term):
+        fail(f"{key}.formula: expected the terms as a formula string (e.g. '1 + Days'), "
+             "not together with terms")
     terms = term.get("terms", ["1"])
     terms = (terms,) if isinstance(terms, str) else tuple(str(t) for t in terms)
     if not terms:
         fail(f"{key}.terms: at least one term is required")
-    structure = term.get("structure", "us" if len(terms) > 1 else "scalar")
+    several = len(terms) > 1 or (formula is not None and formula.strip() not in ("1", "0 + 1"))
+    structure = term.get("structure", "us" if several else "scalar")
     if structure not in RANDOM_STRUCTURES:
         fail(f"{key}.structure: unknown structure {structure!r} for a random term; "
              f"choose one of {list(RANDOM_STRUCTURES)}")
-    return RandomSpec(names(term["group"], f"{key}.group"), terms, structure)
+    rank = term.get("rank", 2 if structure == "rr" else None)
+    if rank is not None and (structure != "rr" or isinstance(rank, bool)
+                             or not isinstance(rank, int) or rank < 1):
+        fail(f"{key}.rank: a positive integer, for structure rr only; got {rank!r}")
+    return RandomSpec(names(term["group"], f"{key}.group"), terms, structure, formula, rank)
+
+
+def _with_formula(config: dict, prefix: str) -> dict:
+    """``config`` with its ``formula`` (and ``correlation``) compiled into the spec's keys;
+    a ``random`` entry of the config changes only the keys it names of the formula's term."""
+    for key in ("response", "fixed"):
+        if config.get(key):
+            fail(f"{prefix}{key}: give the model as formula or as response and fixed, not both")
+    if config.get("correlation") is not None and config.get("residual") is not None:
+        fail(f"{prefix}correlation: give correlation or residual, not both")
+    compiled = compile_formula(config["formula"], config.get("correlation"), prefix)
+    random = compiled["random"]
+    for name, term in mapping(config.get("random"), f"{prefix}random").items():
+        term = mapping(term, f"{prefix}random.{name}")
+        if "terms" in term:
+            random.get(name, {}).pop("formula", None)
+        random[name] = {**random.get(name, {}), **term}
+    return {**config, "response": compiled["response"], "fixed_formula": compiled["formula"],
+            "random": random,
+            "residual": compiled.get("residual", config.get("residual") or "scalar")}
 
 
 def _nested(frame, columns, codes) -> bool:

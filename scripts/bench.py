@@ -4,7 +4,7 @@ Each (case, solver) is fitted by AI-REML in a fresh subprocess (so peak memory i
 the fit time is the median of 3 fits when one takes under 2 s, else a single fit (R's rule in
 ``scale_reference.json`` with a lower threshold), model building excluded and shown apart.
 Columns: ``× dense`` is dense fit time / this fit time (same run), ``× R`` is R's time / this
-time. R times are the anchors in the oracle's ``scale_reference.json`` (``--oracle``; R 4.2.2,
+time. R times are the anchors in ``data/scale_reference.json`` (a copy of the oracle's; R 4.2.2,
 2 cores, single-threaded reference BLAS); when ``Rscript`` with lme4 and nlme is on PATH, cases i and ii
 are also timed live in the same run (iv_a needs nlme's hand-written corStruct from the oracle's
 helpers.R, which is not shipped, so it stays an anchor). Dense is skipped where ``n³/3`` makes
@@ -14,7 +14,9 @@ fits under 2 GB; i <= lme4; ii <= nlme; 100,000 subjects x 10 < 60 s.
 Torch runs single-threaded by default (``--threads``), like R's reference BLAS and robust on a
 shared 2-core machine. ``--quick`` leaves out the two largest cases.
 
-Run: ``.venv/bin/python scripts/bench.py [--threads 1] [--quick] [--oracle DIR]``
+Run: ``.venv/bin/python scripts/bench.py [--threads 1] [--quick] [--oracle DIR]`` (``DIR``: a
+folder with ``data/sim_*.csv`` and the reference JSON, by default this repository; the shared
+oracle folder has the same layout).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import pandas as pd
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-ORACLE = ROOT.parent / "shared" / "oracle"
+ORACLE = ROOT          # data/*.csv and data/scale_reference.json (copied from the oracle)
 DTYPE = torch.float64
 
 # case: (description, solvers, R reference case ids, target)
@@ -243,7 +245,9 @@ def main():
     if args.worker:
         worker(*args.worker, args.oracle)
         return
-    reference_file = args.oracle / "scale_reference.json"
+    reference_file = next((f for f in (args.oracle / "scale_reference.json",
+                                       args.oracle / "data" / "scale_reference.json")
+                           if f.exists()), args.oracle / "scale_reference.json")
     references = ({c["id"]: c for c in json.loads(reference_file.read_text())["cases"]}
                   if reference_file.exists() else {})
     live = r_available()

@@ -200,10 +200,11 @@ def main():
                         "service)")
     parser.add_argument("--mixedlm-python", default="/tmp/mixedlm-venv/bin/python")
     parser.add_argument("--timeout", type=float, default=600)
+    parser.add_argument("--no-peers", action="store_true", help="time covmodules only")
     args = parser.parse_args()
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    have_mixedlm = Path(args.mixedlm_python).exists()
-    have_r = shutil.which("Rscript") is not None
+    have_mixedlm = Path(args.mixedlm_python).exists() and not args.no_peers
+    have_r = shutil.which("Rscript") is not None and not args.no_peers
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)

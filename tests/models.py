@@ -25,7 +25,8 @@ import torch
 from covmodules import (Adapter, AR1Matrix, BlockDesignMatrix, CAR1Matrix,
                         CompoundSymmetricMatrix, CovariancePropagation, DesignMatrix,
                         DiagonalMatrix, DummyMatrix, EqualEntryMatrix, EquicorrelationMatrix,
-                        FactorAnalyticMatrix, Gram, Grouped, HadamardProduct, IdentityMatrix,
+                        FactorAnalyticMatrix, Gram, Grouped, HadamardProduct,
+                        HeterogeneousCSMatrix, HeterogeneousToeplitzMatrix, IdentityMatrix,
                         KnownMatrix, KroneckerProduct, LowerTriangularMatrix, MixedModel,
                         ScalarMatrix, SimpleMatrix, Sum, ToeplitzMatrix, UnconstrainedMatrix)
 from covmodules.linalg import complete_grid
@@ -317,6 +318,17 @@ def _catalogue() -> list[ModelSpec]:
         _grouped_residual("grouped_equal_entry", lambda: EqualEntryMatrix(5),
                           {"residual/within/time/sigma^2": 0.8, "residual/nugget/sigma^2": 0.5},
                           subjects=12, times=5, extra=ScalarMatrix, seed=10),
+        _grouped_residual("grouped_heterogeneous_cs", lambda: HeterogeneousCSMatrix(4),
+                          {**{f"residual/time/sigma^2[{i}]": v for i, v in
+                              enumerate([0.8, 1.2, 1.0, 1.5])}, "residual/time/rho": 0.5},
+                          subjects=30, times=4, seed=14),
+        _grouped_residual("grouped_heterogeneous_toeplitz",
+                          lambda: HeterogeneousToeplitzMatrix(4),
+                          {**{f"residual/time/sigma^2[{i}]": v for i, v in
+                              enumerate([0.8, 1.2, 1.0, 1.5])},
+                           "residual/time/rho[1]": 0.6, "residual/time/rho[2]": 0.4,
+                           "residual/time/rho[3]": 0.2},
+                          subjects=30, times=4, seed=15),
         _kronecker("kron_ar1_ar1", lambda: (AR1Matrix(8), AR1Matrix(6)),
                    {"field/row/sigma^2": 1.0, "field/row/rho": 0.6, "field/col/rho": 0.4,
                     "nugget/sigma^2": 0.3}, m=8, k=6, seed=11),

@@ -106,13 +106,13 @@ ERRORS = [
     ({"response": "y", "fix": {"residual/sigma": 1.0}},
      r"^fix.residual/sigma: unknown parameter; the model's parameters are \['residual/sigma\^2'"),
     ({"response": "y", "fix": {"residual/sigma^2": -1.0}}, r"^fix.residual/sigma\^2: value -1.0"),
-    ({"response": "y", "random": {"g": {"group": "row", "structure": "ar1"}}},
-     r"^random.g.structure: unknown structure 'ar1' for a random term"),
+    ({"response": "y", "random": {"g": {"group": "row", "structure": "ar2"}}},
+     r"^random.g.structure: unknown structure 'ar2' for a random term"),
     ({"response": "y", "random": {"g": {"grouping": "row"}}}, r"^random.g.grouping: unexpected"),
     ({"response": "yy"}, r"^response: unknown column 'yy'"),
     ({"response": "y", "fixed": ["sin(row"]}, r"^fixed: unknown column or malformed expression"),
     ({"response": "y", "fixed": ["__import__('os')"]}, r"^fixed: unknown function in term"),
-    ({"response": "y", "formula": "y ~ 1"}, r"^formula: unexpected key"),
+    ({"response": "y", "formla": "y ~ 1"}, r"^formla: unexpected key"),
 ]
 
 

@@ -23,14 +23,17 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import yaml
 from jsonargparse import ArgumentError
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from covmodules.specs import SpecError
 
+from .callbacks import PredictionWriter
 from .data import MixedModelDataModule
 from .module import REMLModule
 
@@ -38,7 +41,8 @@ __all__ = ["REMLCLI", "build_cli", "run_cli", "main", "report", "check_checkpoin
 
 TRAINER_DEFAULTS = {
     "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-               "init_args": {"save_dir": "lightning_logs", "default_hp_metric": False}},
+               "init_args": {"save_dir": "lightning_logs", "name": "",
+                             "default_hp_metric": False}},
     "log_every_n_steps": 1,
     "enable_model_summary": False,
     "max_epochs": 50,
@@ -48,21 +52,47 @@ TRAINER_DEFAULTS = {
 class REMLCLI(LightningCLI):
     """LightningCLI whose parsers raise on a bad argument instead of printing usage."""
 
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """``fit``, ``validate`` and ``predict`` (a REML fit has no ``test`` loop)."""
+        return {k: v for k, v in LightningCLI.subcommands().items() if k != "test"}
+
     def init_parser(self, **kwargs):
         kwargs.setdefault("exit_on_error", False)
         return super().init_parser(**kwargs)
 
     def instantiate_trainer(self, **kwargs):
-        """The trainer; a value it rejects is a :class:`SpecError` naming ``trainer.<key>``."""
+        """The trainer; a value it rejects is a :class:`SpecError` naming ``trainer.<key>``.
+        ``predict`` without a prediction writer gets one writing to ``outputs/<config>/``."""
         try:
-            return super().instantiate_trainer(**kwargs)
+            trainer = super().instantiate_trainer(**kwargs)
         except (MisconfigurationException, ModuleNotFoundError, ValueError) as err:
             raise SpecError(_trainer_message(err)) from None
+        if self.subcommand == "predict" and not any(
+                isinstance(c, BasePredictionWriter) for c in trainer.callbacks):
+            trainer.callbacks.append(PredictionWriter(f"outputs/{self._run_name or 'predict'}"))
+        return trainer
 
     def parse_arguments(self, parser, args) -> None:
-        """Parse, then check ``ckpt_path`` (before LightningCLI reads its hyperparameters)."""
+        """Parse, then check ``ckpt_path`` (before LightningCLI reads its hyperparameters).
+
+        ``--data.random.<term>.<key> value`` changes that key of the config's term (the
+        parser alone would replace the whole ``random`` mapping by it)."""
+        args, overrides = _random_overrides(sys.argv[1:] if args is None else args)
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
+        configs = (self.config[subcommand].get("config") or []) if subcommand else []
+        self._run_name = Path(str(configs[-1])).stem if configs else ""
+        logger = self.config[subcommand].trainer.logger if subcommand else None
+        if getattr(getattr(logger, "init_args", None), "name", None) == "":
+            logger.init_args.name = self._run_name   # lightning_logs/<config>/version_N
+        if subcommand == "predict":
+            self.config.predict.trainer.logger = False   # predict writes CSV files, no logs
+        if overrides and subcommand:
+            random = dict(self.config[subcommand].data.random or {})
+            for name, key, value in overrides:
+                random[name] = {**(random.get(name) or {}), key: yaml.safe_load(value)}
+            self.config[subcommand].data.random = random
         path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if path is not None and str(path).split(":")[0] not in _CKPT_KEYWORDS:
             check_checkpoint(path)
@@ -145,6 +175,27 @@ _KEYED_MESSAGES = [
     (re.compile(r"^unrecognized arguments: --([\w.]+)(.*)$"),
      r"\1: unknown argument (--\1\2)"),
 ]
+
+
+_RANDOM_KEY = re.compile(r"^--data\.random\.([^.=]+)\.([^.=]+)(?:=(.*))?$")
+
+
+def _random_overrides(args):
+    """``args`` without the ``--data.random.<term>.<key>`` options, and those as
+    ``(term, key, value)``."""
+    if not isinstance(args, (list, tuple)):
+        return args, []
+    rest, found, i = [], [], 0
+    while i < len(args):
+        match = _RANDOM_KEY.match(str(args[i]))
+        if match and (match.group(3) is not None or i + 1 < len(args)):
+            value = match.group(3) if match.group(3) is not None else args[i + 1]
+            found.append((match.group(1), match.group(2), value))
+            i += 1 if match.group(3) is not None else 2
+            continue
+        rest.append(args[i])
+        i += 1
+    return rest, found
 
 
 def _one_line(err: Exception) -> str:

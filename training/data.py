@@ -15,9 +15,11 @@ import numpy as np
 import pandas as pd
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from covmodules.prediction import Fitted
 from covmodules.specs import ModelSpec, Problem, SpecError
 
-__all__ = ["Batch", "GroupSampler", "MixedModelDataModule", "read_table", "loader"]
+__all__ = ["Batch", "Rows", "GroupSampler", "MixedModelDataModule", "read_table", "loader",
+           "split_of"]
 
 
 def read_table(path: Union[str, Path], key: str = "data.path") -> pd.DataFrame:
@@ -71,6 +73,19 @@ class Batch:
 
     def __repr__(self) -> str:
         return f"Batch(split={self.split!r}, rows={len(self)})"
+
+
+class Rows:
+    """Rows of a table to predict (no response needed), as read and coded by the spec."""
+
+    def __init__(self, frame: pd.DataFrame):
+        self.frame = frame
+
+    def to(self, device, **kwargs) -> "Rows":
+        return self
+
+    def __len__(self) -> int:
+        return len(self.frame)
 
 
 class _Batches(Dataset):
@@ -133,9 +148,15 @@ class MixedModelDataModule(L.LightningDataModule):
     that makes ``V`` block diagonal) for prediction metrics; they are split over the processes
     too.
 
+    ``predict`` reads the rows of ``path`` (in file order, after ``query``; the response is
+    not needed) and predicts them from the fitted ``b̂`` and BLUPs the model holds.
+
     Args:
         path: CSV or parquet file.
         response, fixed, intercept, levels, factors, random, residual, fix: the model spec.
+        formula, correlation: the model as an R formula (instead of ``response`` and
+            ``fixed``; see :mod:`covmodules.formula`); ``random`` then changes only the keys
+            it names of the formula's terms.
         query: a pandas ``DataFrame.query`` string selecting the rows to use.
         group: grouping column(s) of the independent blocks (batches and validation split).
         val_fraction: fraction of the groups held out for validation.
@@ -144,19 +165,22 @@ class MixedModelDataModule(L.LightningDataModule):
         split_seed: seed of the random validation split.
     """
 
-    def __init__(self, path: str, response: str, fixed: Optional[list[str]] = None,
+    def __init__(self, path: str, response: Optional[str] = None,
+                 fixed: Optional[list[str]] = None,
                  intercept: bool = True, levels: Optional[dict[str, list]] = None,
                  factors: Optional[list[str]] = None, random: Optional[dict[str, Any]] = None,
-                 residual: Union[str, dict[str, Any]] = "scalar",
+                 residual: Union[str, dict[str, Any], None] = None,
                  fix: Optional[dict[str, float]] = None, query: Optional[str] = None,
                  group: Union[str, list[str], None] = None, val_fraction: float = 0.0,
-                 groups_per_batch: Optional[int] = None, split_seed: int = 0):
+                 groups_per_batch: Optional[int] = None, split_seed: int = 0,
+                 formula: Optional[str] = None, correlation: Optional[str] = None):
         super().__init__()
-        self.save_hyperparameters()
-        self.spec = ModelSpec.from_dict(
-            {"response": response, "fixed": fixed or [], "intercept": intercept,
-             "levels": levels, "factors": factors or [], "random": random,
-             "residual": residual, "fix": fix}, prefix="data.")
+        self.save_hyperparameters(logger=False)
+        config = {"formula": formula, "correlation": correlation, "response": response,
+                  "fixed": fixed or [], "intercept": intercept, "levels": levels,
+                  "factors": factors or [], "random": random, "residual": residual, "fix": fix}
+        self.spec = ModelSpec.from_dict({k: v for k, v in config.items() if v is not None},
+                                        prefix="data.")
         if not 0.0 <= val_fraction < 1.0:
             raise SpecError(f"data.val_fraction: must lie in [0, 1), got {val_fraction}")
         if groups_per_batch is not None and groups_per_batch < 1:
@@ -171,6 +195,8 @@ class MixedModelDataModule(L.LightningDataModule):
         self.val_batches: list[Batch] = []
         self._process: Optional[tuple[int, int]] = None
         self._train_problem: Optional[Problem] = None
+        self.split_labels: dict[str, list[str]] = {}
+        self.predict_rows: Optional[Rows] = None
 
     @property
     def process(self) -> tuple[int, int]:
@@ -180,7 +206,11 @@ class MixedModelDataModule(L.LightningDataModule):
 
     def setup(self, stage: Optional[str] = None) -> None:
         """Read the table, build the design and the problems of this process's training
-        batches and validation groups (once per process layout)."""
+        batches and validation groups (once per process layout); for ``predict``, the rows."""
+        if stage == "predict":
+            self.predict_rows = Rows(self.spec.coded(self._read()))
+            if self.frame is not None or self.spec.response not in self.predict_rows.frame:
+                return                # the model comes from the fit or its checkpoint
         if self.frame is None or self._process != self.process:
             self._build(*self.process)
         if not self.val_batches and self.trainer is not None:
@@ -200,14 +230,23 @@ class MixedModelDataModule(L.LightningDataModule):
                                                         self._design, self._axis)
         return self._train_problem
 
-    def _build(self, rank: int, world: int) -> None:
+    def fitted_batches(self, state: dict) -> list[Batch]:
+        """The training batches of the data a fit was run on (its checkpoint's ``fitted``
+        state, :func:`training.prediction.fitted_state`), to rebuild its model for predict."""
+        self._build(*self.process, Fitted.from_state_dict(self.spec, state).frame)
+        return self.train_batches
+
+    def _read(self) -> pd.DataFrame:
         df = read_table(self.path)
         if self.query:
             try:
                 df = df.query(self.query)
             except Exception as err:
                 raise SpecError(f"data.query: cannot apply {self.query!r}: {err}") from None
-        frame = self.spec.prepare(df)
+        return df
+
+    def _build(self, rank: int, world: int, df: Optional[pd.DataFrame] = None) -> None:
+        frame = self.spec.prepare(self._read() if df is None else df)
         for key, column in self._index_columns():
             _check_complete(frame, column, key)
         design = self.spec.design(frame)
@@ -220,6 +259,8 @@ class MixedModelDataModule(L.LightningDataModule):
                             f"independent group(s) leaves no validation or no training group")
         order = np.random.default_rng(self.split_seed).permutation(num_groups)
         val_groups, train_groups = np.sort(order[:num_val]), np.sort(order[num_val:])
+        self.split_labels = {"train": [labels[g] for g in train_groups],
+                             "val": [labels[g] for g in val_groups]}
         for name, groups in (("training", train_groups), ("validation", val_groups)):
             if 0 < len(groups) < world:
                 raise SpecError(f"data.group: {len(groups)} {name} group(s) for {world} "
@@ -263,4 +304,20 @@ class MixedModelDataModule(L.LightningDataModule):
         return loader(self.val_batches)
 
     def predict_dataloader(self) -> DataLoader:
-        return loader([*self.train_batches, *self.val_batches])
+        """The rows of ``path`` (read at ``setup("predict")``), one item."""
+        if self.predict_rows is None:
+            self.setup("predict")
+        return loader([self.predict_rows])
+
+
+def split_of(spec: ModelSpec, frame: pd.DataFrame, group, labels: dict) -> np.ndarray:
+    """``"train"``, ``"val"`` or ``"new"`` per row of ``frame``: whether its group (see
+    :meth:`~covmodules.specs.ModelSpec.groups`) is among the ``labels`` of the fit's training
+    or validation groups, or neither."""
+    try:
+        codes, names = spec.groups(frame, group)
+    except SpecError:
+        return np.full(len(frame), "new", dtype=object)
+    split = {label: name for name in ("train", "val") for label in labels.get(name, [])}
+    names = np.asarray([split.get(label, "new") for label in names], dtype=object)
+    return names[codes.numpy()] if len(frame) else names[:0]

@@ -15,7 +15,8 @@ whole groups (:class:`~covmodules.GroupBatchSampler`).
 :class:`DeepRandomIntercept` minimises the layer's per-row Gaussian NLL of each batch; before
 each validation it fits the BLUPs from the whole training set at the current parameters, and
 validation predicts ``f(x) + û_g`` (``f(x)`` for new groups). It logs to TensorBoard ``nll``,
-``sigma2/intercept``, ``sigma2/residual`` and ``val_mse``.
+``sigma2/intercept``, ``sigma2/residual`` and ``val_mse``; at the end the covariance images
+of one group (``covariance/...``, with colour scales) and it prints the estimated variances.
 """
 
 from __future__ import annotations
@@ -27,11 +28,14 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics import MeanSquaredError
 
 from covmodules import GroupBatchSampler, RandomIntercept
+
+from .tensorboard import log_images
 
 __all__ = ["Simulated", "simulate_intercepts", "simulate_repeated", "mlp", "LMMNNData",
            "DeepRandomIntercept", "DeepCLI", "main"]
@@ -179,6 +183,20 @@ class DeepRandomIntercept(L.LightningModule):
         x, y, g = batch
         self.val_mse(self.layer.predict(self(x), g), y)
         self.log("val_mse", self.val_mse, prog_bar=True)
+
+    def on_train_end(self) -> None:
+        """Log the covariance images of one group (as the REML module does) and print the
+        estimated variances."""
+        g = self.trainer.datamodule.data.g_train
+        with torch.no_grad():
+            model = self.layer.batch_model(g[g == g[0]])
+        for logger in self.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                log_images(model, logger.experiment, self.global_step, 100)
+        if self.trainer.is_global_zero:
+            print("\nCovariance layer estimates:")
+            for name, value in self.layer.variance_components.items():
+                print(f"  {name:<20} {value:.6g}")
 
     def configure_optimizers(self):
         return torch.optim.Adam([

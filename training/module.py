@@ -21,14 +21,11 @@ then takes the same steps everywhere; the torch optimisers get the exact gradien
 gradient averaging (the loss's backward returns ``world_size ×`` the local share). Fitted
 values and BLUPs come per batch, in one process (:meth:`REMLModule.predict_step`).
 
-Logged per step: ``loss``, ``loglik``, ``grad_norm`` (the largest absolute gradient at the
-start of the step), ``param/<name>`` on the natural scale and, for AI-REML, ``ai/step``,
-``ai/halvings`` and ``ai/decrement``; at the end (and every ``image_every_n_epochs``):
-heatmaps of the ``k × k`` covariance of one level of each random term, of the leaf
-covariances of the residual and of the top-left block of ``V`` (none forms ``G`` or ``V``),
-BLUP histograms (not for a split training set), the summary text and the hparams with the
-final log-likelihood, AIC and BIC (``hp/loglik``, ``hp/aic``, ``hp/bic``). At the end of
-``fit`` the last checkpoint of every ``ModelCheckpoint`` is rewritten with the final state.
+Logged per step: ``loss``, ``loglik``, ``grad_norm``, ``param/<name>`` (natural scale) and,
+for AI-REML, ``ai/*``; at the end (and every ``image_every_n_epochs``) the covariance
+heatmaps, BLUP histograms, summary and hparams table of :mod:`training.tensorboard`. At the
+end of ``fit`` the last checkpoint is rewritten with the final state (and ``b̂``, the BLUPs
+and the data for ``predict``).
 """
 
 from __future__ import annotations
@@ -55,11 +52,12 @@ from covmodules.results import FitResult
 from covmodules.specs import Problem, SpecError
 from covmodules.validation import as_data
 
-from .data import Batch, loader
+from .data import Batch, Rows, loader
 from .metrics import REMLStatistics
-from .monitoring import blup_values, covariance_blocks, fitted_v_block, heatmap
-from .prediction import blup_table, prediction_frame
+from .prediction import (blup_table, fitted_state, own_data_frame, predict_rows,
+                         saved_blup_table)
 from .run import AIStep, Run, load_own_data, save_last_checkpoints
+from .tensorboard import log_final, log_images, log_layout, plotted
 
 __all__ = ["REMLModule", "AIStep"]
 
@@ -116,7 +114,8 @@ class REMLModule(L.LightningModule):
         if (covariance is None) != (y is None):
             raise ValueError("give covariance and y together (X optional), or neither and fit "
                              "with a MixedModelDataModule")
-        self.save_hyperparameters(ignore=["covariance", "y", "X", "x_names", "checks"])
+        self.save_hyperparameters(ignore=["covariance", "y", "X", "x_names", "checks"],
+                                  logger=False)        # the hparams table is fit_hparams
         self.checks = checks
         self.automatic_optimization = optimizer != "ai"
         self.covariance = covariance
@@ -135,6 +134,8 @@ class REMLModule(L.LightningModule):
         self._objective: Optional[REML | ShardedREML] = None
         self._step: dict = {}          # this step's first loss and gradient norm (torch optim)
         self._val_beta: Optional[torch.Tensor] = None
+        self.fitted_state: Optional[dict] = None    # b̂, BLUPs, data: for predict (checkpoints)
+        self._charted = False                      # whether the first step's params are logged
 
     def _set_data(self, y, X, x_names):
         self.y = as_data(y, "y", 1)          # REML's checks of the rest run at the first step
@@ -181,14 +182,23 @@ class REMLModule(L.LightningModule):
         if self.covariance is None:
             batches = getattr(getattr(self.trainer, "datamodule", None), "train_batches", None)
             if not batches:
+                if stage == "predict":    # rows without a response: the checkpoint's model
+                    return
                 raise ValueError("REMLModule has no model: pass covariance and y, or fit with a "
                                  "MixedModelDataModule")
-            first = batches[0].problem
-            self.covariance = first.model
-            if len(batches) == 1 and self.trainer.world_size == 1:
-                self._set_data(first.y, first.X, first.x_names)
-            else:
-                self._shards, self.x_names = [b.problem for b in batches], first.x_names
+            self._adopt(batches)
+        self._check_start()
+
+    def _adopt(self, batches: list[Batch]) -> None:
+        """Take the model and data of the DataModule's training ``batches``."""
+        first = batches[0].problem
+        self.covariance, self._objective = first.model, None
+        if len(batches) == 1 and self.trainer.world_size == 1:
+            self._set_data(first.y, first.X, first.x_names)
+        else:
+            self._shards, self.x_names = [b.problem for b in batches], first.x_names
+
+    def _check_start(self) -> None:
         # the data differ between processes: DDP must neither check nor broadcast them
         self._ddp_params_and_buffers_to_ignore = [name for name, _ in self.named_buffers()]
         names = self.covariance.param_names
@@ -268,6 +278,8 @@ class REMLModule(L.LightningModule):
         return _f64(-loglik)
 
     def on_train_start(self) -> None:
+        log_layout(list(plotted(self.covariance.params, self.covariance)),
+                   self.hparams.optimizer == "ai", self.loggers)
         if self.converged:                  # resumed from the checkpoint of a finished fit
             self.trainer.should_stop = True
 
@@ -282,7 +294,7 @@ class REMLModule(L.LightningModule):
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         if self.automatic_optimization:
             self.log("grad_norm", _f64(self._step.get("grad_norm", 0.0)), **_EPOCH)
-        for name, value in self.covariance.params.items():
+        for name, value in self._plotted_params().items():
             self.log(f"param/{name}", _f64(value), **_EPOCH)
 
     def on_train_epoch_end(self) -> None:
@@ -304,6 +316,7 @@ class REMLModule(L.LightningModule):
             rank_zero_warn(f"the REML fit stopped after {len(self.history)} steps without "
                            "converging; raise trainer.max_epochs")
         self.result = self.fit_result()
+        self.fitted_state = fitted_state(self, self.trainer.datamodule)
         self._log_final(self.result)
         save_last_checkpoints(self.trainer)
 
@@ -328,26 +341,17 @@ class REMLModule(L.LightningModule):
         return [lg for lg in self.loggers if isinstance(lg, TensorBoardLogger)]
 
     def _log_images(self, writer) -> None:
-        size, step = self.hparams.max_image_size, self.global_step
-        for name, C in covariance_blocks(self.covariance, size).items():
-            writer.add_image(f"covariance/{name}", heatmap(C), step, dataformats="HWC")
-        V = fitted_v_block(self.covariance, size)
-        writer.add_image("covariance/V", heatmap(V, vmax=float(V.abs().max())), step,
-                         dataformats="HWC")
+        log_images(self.covariance, writer, self.global_step, self.hparams.max_image_size)
 
     def _log_final(self, result: FitResult) -> None:
-        metrics = {"hp/loglik": result.loglik, "hp/aic": result.aic, "hp/bic": result.bic}
-        for logger in self.loggers:
-            if not isinstance(logger, TensorBoardLogger):
-                logger.log_metrics(metrics, self.global_step)
-                continue
-            writer = logger.experiment
-            self._log_images(writer)
-            for name, values in ({} if self.sharded else blup_values(result)).items():
-                writer.add_histogram(f"blups/{name}", values, self.global_step)
-            writer.add_text("summary", "    " + result.summary().replace("\n", "\n    "),
-                            self.global_step)
-            logger.log_hyperparams(dict(logger.hparams) or dict(self.hparams), metrics=metrics)
+        log_final(self, result, self.loggers)
+
+    def _plotted_params(self) -> dict:
+        """The parameters charted per step (natural scale): fixed ones only at the first step,
+        a point instead of a flat line."""
+        params, first = self.covariance.params, not self._charted
+        self._charted = True
+        return params if first else plotted(params, self.covariance)
 
     # --------------------------------------------------------------- validation
     def on_validation_epoch_start(self) -> None:
@@ -386,17 +390,21 @@ class REMLModule(L.LightningModule):
         if not self.history:
             raise SpecError("predict needs fitted parameters: run fit first, or pass "
                             "--ckpt_path with a checkpoint written by fit")
-        self.result = self.fit_result()
+        if self.fitted_state is None and getattr(self.trainer, "datamodule", None) is not None:
+            raise SpecError("ckpt_path: the checkpoint holds no fitted b̂ and BLUPs (written "
+                            "before the fit ended): predict with the fit's last.ckpt")
+        if self.fitted_state is None:
+            self.result = self.fit_result()
 
-    def predict_step(self, batch: Batch, batch_idx: int) -> pd.DataFrame:
-        """Fitted values of the batch's rows (:func:`~training.prediction.prediction_frame`):
-        ``fitted_marginal`` (``X b̂``), ``fitted`` (plus the BLUPs of random terms, and columns
-        for residual components such as the spatial field, on the training rows; marginal on
-        held-out groups) and ``residual``."""
+    def predict_step(self, batch: Rows | Batch, batch_idx: int) -> pd.DataFrame:
+        """Predictions of the batch's rows (:func:`~training.prediction.predict_rows`) from the
+        fitted ``b̂`` and BLUPs: ``split`` (``train`` / ``val`` / ``new`` group),
+        ``fitted_marginal`` (``X b̂``), ``fitted`` (plus the random effects) and, when the
+        rows have the response, ``residual``."""
+        if isinstance(batch, Rows):
+            return predict_rows(self.fitted_state, self.trainer.datamodule.spec, batch.frame)
         p = batch.problem
-        marginal = (self._kept_columns(p).double().cpu() @ self.result.state.beta).numpy()
-        training = self._batch_result(p) if batch.split == "train" else None
-        return prediction_frame(p, batch.split, marginal, training)
+        return own_data_frame(self.result, self._kept_columns(p), p.y, p.frame)
 
     def _batch_result(self, problem: Problem) -> FitResult:
         """:attr:`result` seen from a training batch, for its fitted values and BLUPs
@@ -407,6 +415,8 @@ class REMLModule(L.LightningModule):
 
     def blup_table(self) -> pd.DataFrame:
         """BLUPs of the random terms, one row per (term, level, coefficient)."""
+        if self.result is None and self.fitted_state is not None:
+            return saved_blup_table(self.fitted_state)
         return blup_table([self._batch_result(p) for p in self._shards] if self.sharded
                           else [self.result])
 
@@ -417,8 +427,14 @@ class REMLModule(L.LightningModule):
         if ai is not None:
             self.run.ai = ai.state_dict()
         checkpoint["reml"] = self.run.state_dict()
+        if self.fitted_state is not None:
+            checkpoint["fitted"] = self.fitted_state
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.fitted_state = checkpoint.get("fitted")
+        datamodule = getattr(self._trainer, "datamodule", None)
+        if self.fitted_state is not None and self.trainer.predicting and datamodule is not None:
+            self._adopt(datamodule.fitted_batches(self.fitted_state))  # the fitted data's model
         if self.covariance is None:
             raise SpecError("REMLModule.load_from_checkpoint needs the model: pass covariance, y "
                             "and X, or give the checkpoint to Trainer.fit/predict(..., "

@@ -104,13 +104,16 @@ def save_last_checkpoints(trainer: L.Trainer) -> None:
     """Write the final state (``converged``, the ended AI-REML run) into each
     ``ModelCheckpoint``'s last checkpoint: Lightning rewrites it only together with a new
     top-k one, so it misses the final steps when they do not improve the monitored value
-    (the AI-REML step that confirms convergence)."""
+    (the AI-REML step that confirms convergence). A checkpoint callback without a monitored
+    value (Lightning's default one) keeps the latest checkpoint: it gets the final state too."""
     for callback in trainer.checkpoint_callbacks:
         path = callback.last_model_path
         if callback.save_last and path:
             if trainer.is_global_zero and os.path.islink(path):
                 os.remove(path)             # save_last="link": a file of its own now
             trainer.save_checkpoint(path)
+        if callback.monitor is None and callback.best_model_path:
+            trainer.save_checkpoint(callback.best_model_path)
 
 
 def _names(keys: list[str], shown: int = 3) -> str:

@@ -11,6 +11,7 @@ from .dummy import DummyMatrix
 from .equal_entry import EqualEntryMatrix
 from .equicorrelation import EquicorrelationMatrix
 from .factor_analytic import FactorAnalyticMatrix
+from .heterogeneous import HeterogeneousCSMatrix, HeterogeneousToeplitzMatrix
 from .fixed import FixedMatrix
 from .identity import IdentityMatrix
 from .known import KnownMatrix
@@ -22,6 +23,7 @@ from .unconstrained import UnconstrainedMatrix
 
 __all__ = ["Adapter", "AR1Matrix", "BlockDesignMatrix", "CAR1Matrix", "CompoundSymmetricMatrix",
            "DesignMatrix", "DiagonalMatrix", "DummyMatrix", "EqualEntryMatrix",
-           "EquicorrelationMatrix", "FactorAnalyticMatrix", "FixedMatrix", "IdentityMatrix", "KnownMatrix",
+           "EquicorrelationMatrix", "FactorAnalyticMatrix", "FixedMatrix", "HeterogeneousCSMatrix",
+           "HeterogeneousToeplitzMatrix", "IdentityMatrix", "KnownMatrix",
            "LowerTriangularMatrix", "ScalarMatrix", "SimpleMatrix", "ToeplitzMatrix",
            "UnconstrainedMatrix"]
