@@ -23,7 +23,8 @@ from typing import Callable
 
 import torch
 
-__all__ = ["DiagonalView", "RepeatedBlock", "KroneckerView", "is_identity"]
+__all__ = ["DiagonalView", "RepeatedBlock", "KroneckerView", "BlockDiagonalView",
+           "LowRankDiagonalView", "is_identity"]
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,21 @@ class KroneckerView:
     values: Callable[[torch.Tensor], tuple]
     vjp: Callable[..., torch.Tensor]
     nugget: bool = False
+
+
+@dataclass(frozen=True)
+class BlockDiagonalView:
+    """``V = diag(V_1, ..., V_k)`` with square blocks: ``blocks[b] = (module, rows, params)``,
+    block ``b``'s covariance module, its row slice of ``V`` and its slice of ``nat``."""
+
+    blocks: tuple
+
+
+@dataclass(frozen=True)
+class LowRankDiagonalView:
+    """``V = Λ Λᵀ + diag(ψ)`` (``Λ`` ``n x k``, ``ψ >= 0``): ``values(nat) → (Λ, ψ)``."""
+
+    values: Callable[[torch.Tensor], tuple]
 
 
 def is_identity(module) -> bool:

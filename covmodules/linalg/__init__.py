@@ -6,6 +6,7 @@
 | ``A ⊗ B (+ σ² I)`` | ``"kronecker"`` | ``m³ + n³ + p mn(m + n)`` |
 | block diagonal over one grouping factor | ``"grouped"`` | ``Σ n_g³/3`` |
 | ``Σ Z_i G_i Z_iᵀ + R``, ``R`` diagonal | ``"woodbury"`` | ``n q² + q³`` |
+| random terms over a block-diagonal Kronecker residual (trials) | ``"met"`` | per block |
 
 :func:`applicable_solvers` builds each solver whose structure the model has (a solver's
 constructor reads the model's capability views, :mod:`covmodules.capabilities`, and raises
@@ -26,6 +27,7 @@ import torch
 from ..operators.kronecker import KroneckerProduct
 from .base import NotPositiveDefiniteError, Solver, UnsupportedStructure
 from .dense import DenseSolver
+from .environments import MultiEnvironmentSolver
 from .grouped import GroupedSolver
 from .kronecker import KroneckerSolver, complete_grid
 from .woodbury import WoodburySolver
@@ -33,10 +35,11 @@ from .woodbury import WoodburySolver
 __all__ = ["NotPositiveDefiniteError", "UnsupportedStructure", "Solver", "DenseSolver",
            "applicable_solvers",
            "KroneckerSolver", "GroupedSolver", "WoodburySolver", "SOLVERS", "select_solver",
-           "identify", "unidentified_kronecker", "complete_grid"]
+           "identify", "unidentified_kronecker", "complete_grid", "MultiEnvironmentSolver"]
 
 SOLVERS: dict[str, type[Solver]] = {"dense": DenseSolver, "kronecker": KroneckerSolver,
-                                    "grouped": GroupedSolver, "woodbury": WoodburySolver}
+                                    "grouped": GroupedSolver, "woodbury": WoodburySolver,
+                                    "met": MultiEnvironmentSolver}
 
 
 def select_solver(model, solver=None) -> Solver:

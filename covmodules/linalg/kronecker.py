@@ -159,6 +159,7 @@ class KroneckerFactor(Factor):
                 f"V = A_1 ⊗ ... ⊗ A_d + s I is not positive definite (smallest eigenvalue "
                 f"{float(self.D.min()):.3g}); try other start values")
         self.root = self.D.sqrt().reshape(-1, 1)
+        self.rows = self.D.numel()
         self.logdet = torch.log(self.D).sum()
 
     def product(self, skip: int | None = None) -> torch.Tensor:
@@ -178,6 +179,10 @@ class KroneckerFactor(Factor):
 
     def unwhiten(self, W):
         return kron_matmul(self.Qs, W / self.root)
+
+    def rotate(self, B: torch.Tensor) -> torch.Tensor:
+        """``Qᵀ B``: columns in the eigenbasis (the input of :meth:`cotangents`)."""
+        return kron_matmul([Q.T for Q in self.Qs], B)
 
     def cotangents(self, W: torch.Tensor):
         """``([Ā_1, ..., Ā_d], t)`` of ``Ḡ = ½ Q (D⁻¹ - W Wᵀ) Qᵀ`` for eigenbasis columns ``W``

@@ -1,0 +1,115 @@
+"""Multi-environment trials: random genotype x environment effects (FA, US, diagonal Σ)
+over per-trial spatial residuals, and random row / column effects over one trial's field,
+each equal to the dense path to 1e-8 (missing plots included)."""
+
+import warnings
+
+import pytest
+import torch
+
+from covmodules import (AR1Matrix, BlockDesignMatrix, BlockDiagonal, DiagonalMatrix,
+                        FactorAnalyticMatrix, IdentityMatrix, KroneckerProduct, MixedModel,
+                        ScalarMatrix, Sum, UnconstrainedMatrix)
+from covmodules.linalg import MultiEnvironmentSolver, identify, select_solver
+
+from test_solvers import check_equals_dense, gen, randn
+
+DTYPE = torch.float64
+GRIDS = [(3, 4), (4, 3), (2, 5)]          # trials of different sizes
+L = 4                                     # genotypes
+
+
+def spatial(m, n):
+    return Sum(field=KroneckerProduct(row=AR1Matrix(m), col=AR1Matrix(n)),
+               nugget=ScalarMatrix(m * n))
+
+
+def trials(seed=0, missing=2):
+    """Plots of the trials in grid order; ``missing`` cells per trial have no genotype
+    (``y = 0``, their own indicator column, a zero row of ``Z``)."""
+    g = gen(seed)
+    env, geno, lost = [], [], []
+    for e, (m, n) in enumerate(GRIDS):
+        env += [e] * (m * n)
+        geno += torch.randint(0, L, (m * n,), generator=g).tolist()
+        offset = len(env) - m * n
+        lost += (offset + torch.randperm(m * n, generator=g)[:missing]).tolist()
+    N, E = len(env), len(GRIDS)
+    env, geno = torch.tensor(env), torch.tensor(geno)
+    values = torch.nn.functional.one_hot(env, E).to(DTYPE)
+    values[lost] = 0
+    Z = BlockDesignMatrix(geno, values, L)                    # column j E + e
+    X = torch.cat([torch.nn.functional.one_hot(env, E).to(DTYPE),
+                   torch.zeros(N, len(lost), dtype=DTYPE)], 1)
+    X[lost] = 0
+    X[lost, E + torch.arange(len(lost))] = 1
+    y = randn(N, g=g)
+    y[lost] = 0
+    return Z, y, X
+
+
+def identified(model):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        identify(model)
+    return model
+
+
+SIGMAS = {"fa1": lambda: FactorAnalyticMatrix(3, 1), "us": lambda: UnconstrainedMatrix(3),
+          "diag": lambda: DiagonalMatrix(3)}
+
+
+@pytest.mark.parametrize("sigma", list(SIGMAS))
+def test_met_spatial_equals_dense(sigma):
+    Z, y, X = trials()
+    model = identified(MixedModel(
+        random={"gxe": (Z, KroneckerProduct(IdentityMatrix(L), SIGMAS[sigma]()))},
+        residual=BlockDiagonal(*[spatial(m, n) for m, n in GRIDS])))
+    solver = select_solver(model)
+    assert solver.name == "met" and solver.env is not None
+    assert [b.envs for b in solver.blocks] == [[0], [1], [2]]
+    check_equals_dense(model, y, X, "met")
+
+
+@pytest.mark.parametrize("method", ["reml", "ml"])
+def test_met_diagonal_residuals_equal_dense(method):
+    """Without spatial structure: one residual variance per trial, or one in all."""
+    Z, y, X = trials(seed=1, missing=0)
+    n = [m * k for m, k in GRIDS]
+    for residual in (BlockDiagonal(*[ScalarMatrix(k) for k in n]), ScalarMatrix(sum(n))):
+        model = MixedModel(random={"gxe": (Z, KroneckerProduct(IdentityMatrix(L),
+                                                               FactorAnalyticMatrix(3, 1)))},
+                           residual=residual)
+        solver = MultiEnvironmentSolver(model)
+        assert len(solver.blocks) == 3
+        check_equals_dense(model, y, X, "met", method=method)
+
+
+def test_row_and_column_effects_beside_the_field_equal_dense():
+    """One trial: random row and column effects plus AR1 ⊗ AR1 + nugget, and a linear trend
+    along the rows as a fixed effect."""
+    m, n = 5, 4
+    N = m * n
+    rows, cols = torch.arange(N) // n, torch.arange(N) % n
+    model = identified(MixedModel(
+        random={"row": (BlockDesignMatrix(rows, torch.ones(N, 1), m), ScalarMatrix(m)),
+                "col": (BlockDesignMatrix(cols, torch.ones(N, 1), n), ScalarMatrix(n))},
+        residual=spatial(m, n)))
+    g = gen(2)
+    y = randn(N, g=g)
+    X = torch.stack([torch.ones(N, dtype=DTYPE), rows.to(DTYPE)], 1)
+    assert [t for t, *_ in MultiEnvironmentSolver(model).others] == ["col"]   # row: level 1
+    check_equals_dense(model, y, X, "met")
+
+
+def test_environment_split_across_blocks_falls_back_to_a_general_term():
+    """Trials interleaved in the rows: still exact, through the level-2 update."""
+    Z, y, X = trials(seed=3, missing=0)
+    perm = torch.randperm(len(y), generator=gen(4))
+    Zp = BlockDesignMatrix(Z.codes[perm], Z.values[perm], L)
+    model = MixedModel(random={"gxe": (Zp, KroneckerProduct(IdentityMatrix(L),
+                                                            UnconstrainedMatrix(3)))},
+                       residual=ScalarMatrix(len(y)))
+    solver = MultiEnvironmentSolver(model)
+    assert len(solver.blocks) == 1
+    check_equals_dense(model, y[perm], X[perm], "met")
