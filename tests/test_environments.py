@@ -113,3 +113,39 @@ def test_environment_split_across_blocks_falls_back_to_a_general_term():
     solver = MultiEnvironmentSolver(model)
     assert len(solver.blocks) == 1
     check_equals_dense(model, y[perm], X[perm], "met")
+
+
+# ---------------------------------------------------------------- glmmTMB reference
+def met_small():
+    import pandas as pd
+    from pathlib import Path
+    data = Path(__file__).resolve().parent / "data"
+    df = pd.read_csv(data / "met_small.csv")
+    ref = __import__("json").loads((data / "met_glmmtmb.json").read_text())
+    env = torch.tensor(pd.Categorical(df["env"]).codes.astype("int64"))
+    geno = torch.tensor(pd.Categorical(df["genotype"]).codes.astype("int64"))
+    E, L = int(env.max()) + 1, int(geno.max()) + 1
+    Z = BlockDesignMatrix(geno, torch.nn.functional.one_hot(env, E).to(DTYPE), L)
+    X = torch.nn.functional.one_hot(env, E).to(DTYPE)
+    return Z, torch.tensor(df["y"].to_numpy()), X, E, L, ref
+
+
+@pytest.mark.parametrize("key", ["us", "fa1"])
+def test_met_equals_glmmtmb(key):
+    """glmmTMB us(0 + env | genotype), and rr(d = 1) + diag(0 + env | genotype) (= FA(1)),
+    REML, a common residual variance: scripts/met_glmmtmb.R."""
+    from covmodules import fit
+    Z, y, X, E, L, ref = met_small()
+    sigma = UnconstrainedMatrix(E) if key == "us" else FactorAnalyticMatrix(E, 1)
+    model = MixedModel(random={"gxe": (Z, KroneckerProduct(IdentityMatrix(L), sigma))},
+                       residual=ScalarMatrix(len(y)))
+    result = fit(model, y, X, solver="met")
+    r = ref[key]
+    assert result.converged and result.solver == "met"
+    assert abs(result.loglik - r["logLik_REML"]) < 1e-6
+    with torch.no_grad():
+        S = sigma()
+    torch.testing.assert_close(S, torch.tensor(r["Sigma"], dtype=DTYPE), rtol=0, atol=1e-4)
+    assert abs(result.params["residual/sigma^2"] - r["sigma2"]) < 1e-4 * r["sigma2"]
+    torch.testing.assert_close(result.state.beta, torch.tensor(r["beta"], dtype=DTYPE),
+                               rtol=1e-6, atol=0)
