@@ -149,3 +149,35 @@ def test_met_equals_glmmtmb(key):
     assert abs(result.params["residual/sigma^2"] - r["sigma2"]) < 1e-4 * r["sigma2"]
     torch.testing.assert_close(result.state.beta, torch.tensor(r["beta"], dtype=DTYPE),
                                rtol=1e-6, atol=0)
+
+
+# ---------------------------------------------------------- the plot-data front end
+def test_multi_environment_model_blups_and_pev_equal_dense():
+    """multi_environment: trials of two sizes with missing plots, a row trend and random row
+    effects; genotype BLUPs and their prediction error variances equal the dense formulas
+    ``G Zᵀ P y`` and ``diag(G - G Zᵀ P Z G)``."""
+    from covmodules.reml import REML
+    from covmodules.results import FitResult
+    from covmodules.trials import genotype_blups, multi_environment, simulate_trials
+
+    df, _ = simulate_trials([(4, 5), (5, 4)], genotypes=6, k=1, missing=0.1, seed=2)
+    trial = multi_environment(df, sigma="us", trend="row", row_effects=True)
+    model = identified(trial.model)
+    assert len(trial.x_names) > 4 and trial.x_names[2] == "row_trend[E01]"
+    check_equals_dense(model, trial.y, trial.X, "met")
+    free = 0.3 * randn(model.num_free_params, g=gen(8))
+    objective = REML(model, trial.y, trial.X, solver="met")
+    result = FitResult(objective, free, objective.state(free), None, True, 0, "ai")
+    model.set_free_params(free)
+    table = genotype_blups(result, trial)
+    with torch.no_grad():
+        V, X, y = model(free), trial.X, trial.y
+        Vi = torch.linalg.inv(V)
+        P = Vi - Vi @ X @ torch.linalg.solve(X.T @ Vi @ X, X.T @ Vi)
+        G = model._modules["gxe"]()
+        Z = model.design("gxe")
+        blup = G @ Z.T @ P @ y
+        pev = (G - G @ Z.T @ P @ Z @ G).diagonal()
+    torch.testing.assert_close(torch.tensor(table["blup"].to_numpy()), blup, rtol=1e-8, atol=1e-12)
+    torch.testing.assert_close(torch.tensor(table["pev"].to_numpy()), pev, rtol=1e-8, atol=1e-12)
+    assert list(table.index[0]) == [0, "E01"]

@@ -39,7 +39,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..model import MixedModel
-from .base import GLSState, Solver, UnsupportedStructure, additive_pieces
+from .base import (Factor, GLSState, NotPositiveDefiniteError, Solver, UnsupportedStructure,
+                   additive_pieces)
 from .factors import BlockFactor, DiagonalFactor, LowRankFactor
 from .kronecker import EigenCache, KroneckerFactor
 from .woodbury import root
@@ -88,6 +89,11 @@ class MultiEnvironmentSolver(Solver):
         if all(b.kind == "diag" for b in self.blocks) and self.env is None:
             raise UnsupportedStructure("a diagonal residual without an environment term is the "
                                        "Woodbury solver's")
+        if self.env is not None:
+            _, _, _, _, E, _, level, values = self.env
+            rows = (env_rows >= 0).nonzero()[:, 0]
+            self._env_entries = (rows, level[rows] * E + env_rows[rows],
+                                 values[rows, env_rows[rows]])
         self.others = [(name, G, off, model.z_matmul(name, torch.eye(
             G.shape[0], dtype=torch.float64))) for name, G, off in terms
             if self.env is None or name != self.env[0]]
@@ -168,10 +174,19 @@ class MultiEnvironmentSolver(Solver):
 
     @property
     def cost(self) -> float:
-        q1 = max([b.Z.shape[1] for b in self.blocks if b.Z is not None] or [0])
-        q2 = sum(G.shape[0] for _, G, _, _ in self.others) + (
-            0 if self.env is None else self.env[5] * self.env[4])
-        return self.n * (q1 ** 2 + q2 ** 2) + len(self.blocks) * q1 ** 3 + q2 ** 3
+        """Per block ``n_b q_b (q_b + Σ n_i)`` and ``q_b³`` (level 1), ``(k L)³`` (level 2),
+        ``n q_t² + q_t³`` for the other terms."""
+        out = 0.0
+        for blk in self.blocks:
+            n_b, q_b = blk.rows.stop - blk.rows.start, 0 if blk.Z is None else blk.Z.shape[1]
+            sides = sum(blk.view.sizes) if blk.kind == "kron" else 1
+            out += n_b * (q_b + 1) * (q_b + sides) + q_b ** 3
+        if self.env is not None:
+            with torch.no_grad():
+                k = self._sigma_parts(self.model.build_params())[0].shape[1]
+            out += (k * self.env[5]) ** 3
+        q = sum(G.shape[0] for _, G, _, _ in self.others)
+        return out + self.n * q ** 2 + q ** 3
 
     # --------------------------------------------------------------- factorisation
     def _sigma_parts(self, nat):
@@ -186,16 +201,10 @@ class MultiEnvironmentSolver(Solver):
         return root(block._evaluate(part)), part.new_zeros(E)
 
     def factorize(self, nat):
-        columns, factors = [], []
+        factors = []
         if self.env is not None:
             Lam, psi = self._sigma_parts(nat)
-            _, _, _, _, E, L, level, values = self.env
-            k = Lam.shape[1]
-            if k:
-                C = nat.new_zeros(self.n, L, k)
-                seen = level >= 0
-                C[seen, level[seen]] = values[seen].to(nat) @ Lam
-                columns.append(C.reshape(self.n, L * k))
+            L = self.env[5]
         for blk in self.blocks:
             base = blk.factor(nat)
             if blk.Z is not None:
@@ -203,72 +212,162 @@ class MultiEnvironmentSolver(Solver):
                 Zw = base.whiten(Zb)
                 scale = psi[blk.envs].clamp(min=0).sqrt().repeat_interleave(L)
                 f = LowRankFactor(base, Zb * scale, Zw * scale)
-                f.K = base.inner(Zw, Zw)                         # Z_bᵀ R_b⁻¹ Z_b
+                f.K, f.Zw, f.scale = base.inner(Zw, Zw), Zw, scale      # K = Z_bᵀ R_b⁻¹ Z_b
                 factors.append(f)
             else:
                 factors.append(base)
-        for name, G, off, Zt in self.others:
-            columns.append(Zt.to(nat) @ root(G._evaluate(nat[off:off + G.num_params])))
-        level1 = BlockFactor(factors, [b.rows.stop - b.rows.start for b in self.blocks])
+        mid = BlockFactor(factors, [b.rows.stop - b.rows.start for b in self.blocks])
+        if self.env is not None and Lam.shape[1]:
+            mid = EnvironmentFactor(mid, [b.envs for b in self.blocks], Lam, L)
+        columns = [Zt.to(nat) @ root(G._evaluate(nat[off:off + G.num_params]))
+                   for name, G, off, Zt in self.others]
         if not columns or sum(c.shape[1] for c in columns) == 0:
-            return level1
-        return LowRankFactor(level1, torch.cat(columns, 1))
+            return mid
+        return LowRankFactor(mid, torch.cat(columns, 1))
 
     # -------------------------------------------------------------------- gradient
     def natural_gradient(self, nat, state: GLSState):
         top = state.factor
-        level1 = top.base if isinstance(top, LowRankFactor) else top
+        mid = top.base if isinstance(top, LowRankFactor) else top
         W = [state.Py[:, None]]
-        if top is not level1:
+        if top is not mid:
             W.append(top.correction())
         if state.method == "reml":
             W.append(top.unwhiten(state.low_rank_x()))
         W = torch.cat(W, 1)
         out = torch.zeros_like(nat)
-        corrections = [f.correction() if isinstance(f, LowRankFactor) else None
-                       for f in level1.factors]
-        self._residual_gradient(nat, W, level1, corrections, out)
+        env = mid if isinstance(mid, EnvironmentFactor) else None
+        level1 = env.level1 if env is not None else mid
+        self._residual_gradient(nat, W, level1, env, out)
         if self.env is not None:
-            self._environment_gradient(nat, W, level1, corrections, out)
+            self._environment_gradient(nat, W, level1, env, out)
         for name, G, off, Zt in self.others:
             Y = self.model.zt_matmul(name, W)
-            Gt = -Y @ Y.T
-            for blk, f in zip(self.blocks, level1.factors):
-                Zb = Zt[blk.rows].to(nat)
-                if bool((Zb != 0).any()):
-                    w = f.whiten(Zb)
-                    Gt += f.inner(w, w)
+            w = mid.whiten(Zt.to(nat))
+            Gt = mid.inner(w, w) - Y @ Y.T                             # Z_tᵀ Ḡ Z_t
             out[off:off + G.num_params] += G._vjp(nat[off:off + G.num_params], 0.5 * Gt)
         return out
 
-    def _residual_gradient(self, nat, W, level1, corrections, out):
+    def _residual_gradient(self, nat, W, level1, env, out):
+        """``⟨Ḡ_bb, ∂R_b⟩``: ``Ḡ_bb = ½(R_b⁻¹ - Y_b A_b Y_bᵀ - W_b W_bᵀ)``, ``Y_b = R_b⁻¹ Z_b``."""
         diagonal = {}
-        for blk, f, Eb in zip(self.blocks, level1.factors, corrections):
-            Wb = W[blk.rows] if Eb is None else torch.cat([Eb, W[blk.rows]], 1)
-            base = f.base if Eb is not None else f
+        for b, (blk, f) in enumerate(zip(self.blocks, level1.factors)):
+            base = f.base if blk.Z is not None else f
             if blk.kind == "kron":
-                grads, trace = base.cotangents(base.rotate(Wb))
+                cols = base.rotate(W[blk.rows])
+                if blk.Z is not None:                                  # Qᵀ Y_b = D^{-1/2} Z_w
+                    cols = torch.cat([(f.Zw / base.root) @ root(_inner_a(f, env, b)), cols], 1)
+                grads, trace = base.cotangents(cols)
                 out[blk.params] += blk.view.vjp(nat[blk.params], grads, trace)
             else:
+                cols = W[blk.rows]
+                if blk.Z is not None:
+                    cols = torch.cat([(f.Zw / base.root) @ root(_inner_a(f, env, b)), cols], 1)
                 diagonal.setdefault(blk.part, (blk, []))[1].append(
-                    0.5 * (1 / base.r - (Wb * Wb).sum(1)))
+                    0.5 * (1 / base.r - (cols * cols).sum(1)))
         for blk, parts in diagonal.values():
             out[blk.params] += blk.view.vjp(nat[blk.params], torch.cat(parts))
 
-    def _environment_gradient(self, nat, W, level1, corrections, out):
+    def _environment_gradient(self, nat, W, level1, env, out):
+        """``S_ef = Σ_j (Zᵀ Ḡ Z)_{(j,e),(j,f)}``, ``Zᵀ Ḡ Z = ½[Zᵀ V₂⁻¹ Z - (Zᵀ W)(Zᵀ W)ᵀ]``."""
         name, G, off, block, E, L, _, _ = self.env
-        Y = self.model.zt_matmul(name, W).reshape(L, E, -1)
+        Y = self._env_zt(W).reshape(L, E, -1)
         S = -torch.einsum("jec,jfc->ef", Y, Y)
-        for blk, f, Eb in zip(self.blocks, level1.factors, corrections):
-            if Eb is None:
+        J = W.new_zeros(E, L, env.q if env is not None else 0)      # Zᵀ V₂⁻¹ Z = K* - J Jᵀ
+        for b, (blk, f) in enumerate(zip(self.blocks, level1.factors)):
+            if blk.Z is None:
                 continue
-            ZE = blk.Z.to(nat).T @ Eb
-            a = len(blk.envs)
-            K = (f.K - ZE @ ZE.T).reshape(a, L, a, L)                # Z_bᵀ R*_b⁻¹ Z_b
-            idx = torch.tensor(blk.envs)
+            a, idx = len(blk.envs), torch.tensor(blk.envs)
+            K = _k_star(f).reshape(a, L, a, L)                         # Z_bᵀ R*_b⁻¹ Z_b
             S[idx[:, None], idx[None, :]] += torch.einsum("ajbj->ab", K)
+            if env is not None:
+                J[idx] = env.J[b].reshape(a, L, -1)
+        S -= torch.einsum("ejc,fjc->ef", J, J)
         part = nat[off:off + G.num_params]
         out[off:off + G.num_params] += block._vjp(part, 0.5 * S)
+
+    def _env_zt(self, W):
+        """``Zᵀ W`` of the environment term (column ``j E + e``): one scatter-add."""
+        rows, cols, vals = self._env_entries
+        out = W.new_zeros(self.env[4] * self.env[5], W.shape[1])
+        return out.index_add_(0, cols, vals.to(W)[:, None] * W[rows])
+
+
+def _k_star(f: LowRankFactor) -> torch.Tensor:
+    """``Z_bᵀ R*_b⁻¹ Z_b = K - K S M_b⁻¹ S K`` of a level-1 block factor."""
+    low = torch.linalg.solve_triangular(f.LM, f.scale[:, None] * f.K, upper=False)
+    return f.K - low.T @ low
+
+
+def _inner_a(f: LowRankFactor, env, b: int) -> torch.Tensor:
+    """``A_b`` with ``V₂⁻¹_bb = R_b⁻¹ - Y_b A_b Y_bᵀ``: ``S M_b⁻¹ S`` plus, with level 2,
+    ``N_b M₂⁻¹ N_bᵀ``, ``N_b = (I - S M_b⁻¹ S K) Λ̃_b``."""
+    B1 = torch.linalg.solve_triangular(f.LM, torch.diag(f.scale), upper=False)
+    A = B1.T @ B1
+    if env is not None:
+        N = env.lift(b, torch.eye(env.q, dtype=A.dtype, device=A.device))
+        N = N - A @ (f.K @ N)
+        B2 = torch.linalg.solve_triangular(env.LM, N.T, upper=False)
+        A = A + B2.T @ B2
+    return A
+
+
+class EnvironmentFactor(Factor):
+    r"""Level 2 of an environment term: ``V₂ = R* + C Cᵀ`` with ``C_b = Z_b Λ̃_b``,
+    ``Λ̃_b = Λ_b ⊗ I_L`` (``Λ_b`` the loadings of block ``b``'s environments; columns
+    ``c L + j``). From the level-1 factors alone: ``Ẑ_b = F_b Z_b``, ``K*_b = ⟨Ẑ_b, Ẑ_b⟩ =
+    Z_bᵀ R*_b⁻¹ Z_b`` and ``M₂ = I + Σ_b Λ̃_bᵀ K*_b Λ̃_b`` (``k L`` square), so no ``N x kL``
+    matrix is formed; ``J_b = K*_b Λ̃_b L_{M₂}^{-T}`` gives ``Zᵀ V₂⁻¹ Z``."""
+
+    def __init__(self, level1: BlockFactor, envs, Lam: torch.Tensor, L: int):
+        self.level1, self.L, self.k = level1, L, Lam.shape[1]
+        self.q = self.k * L
+        self.Lams = [Lam[e] for e in envs]
+        self.offsets = [0] + torch.tensor(level1.whitened).cumsum(0).tolist()
+        self.Zhat, M = {}, torch.eye(self.q, dtype=Lam.dtype, device=Lam.device)
+        Ks = {}
+        for b, f in enumerate(level1.factors):
+            if not envs[b]:
+                continue
+            low = torch.linalg.solve_triangular(f.LM, f.scale[:, None] * f.K, upper=False)
+            self.Zhat[b] = torch.cat([f.Zw, low])
+            Ks[b] = f.K - low.T @ low
+            M += self.lift(b, Ks[b] @ self.lift(b, torch.eye(self.q, dtype=M.dtype)), True)
+        self.LM, info = torch.linalg.cholesky_ex(0.5 * (M + M.T))
+        if int(info) != 0:
+            raise NotPositiveDefiniteError("the level-2 equations are not positive definite")
+        self.J = {b: torch.linalg.solve_triangular(self.LM, self.lift(b, K.T, True),
+                                                   upper=False).T for b, K in Ks.items()}
+        self.rows = level1.rows + self.q
+        self.logdet = level1.logdet + 2 * torch.log(self.LM.diagonal()).sum()
+
+    def lift(self, b: int, x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+        """``Λ̃_b x`` (``x``: ``kL x c``), or ``Λ̃_bᵀ x`` (``x``: ``|E_b| L x c``)."""
+        Lam, c = self.Lams[b], x.shape[1]
+        if transpose:
+            return (Lam.T @ x.reshape(Lam.shape[0], -1)).reshape(self.q, c)
+        return (Lam @ x.reshape(self.k, -1)).reshape(Lam.shape[0] * self.L, c)
+
+    def _block(self, b, W):
+        return W[self.offsets[b]:self.offsets[b + 1]]
+
+    def whiten(self, B):
+        top = self.level1.whiten(B)
+        low = top.new_zeros(self.q, B.shape[1])
+        for b, Zhat in self.Zhat.items():
+            low += self.lift(b, self.level1.factors[b].inner(Zhat, self._block(b, top)), True)
+        return torch.cat([top, torch.linalg.solve_triangular(self.LM, low, upper=False)])
+
+    def unwhiten(self, W):
+        top, low = W[:self.level1.rows].clone(), W[self.level1.rows:]
+        x = torch.linalg.solve_triangular(self.LM.T, low, upper=True)
+        for b, Zhat in self.Zhat.items():
+            self._block(b, top).sub_(Zhat @ self.lift(b, x))
+        return self.level1.unwhiten(top)
+
+    def inner(self, U, W):
+        r = self.level1.rows
+        return self.level1.inner(U[:r], W[:r]) - U[r:].T @ W[r:]
 
 
 def _runs(env_rows: torch.Tensor) -> list[slice]:
