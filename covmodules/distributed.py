@@ -127,6 +127,14 @@ class ShardedREML:
     def model(self) -> CovarianceModule:
         return self.models[0]
 
+    def shard(self, i: int):
+        """Shard ``i`` as a :class:`~covmodules.reml.REML` objective of its own rows (the
+        columns the whole kept, its solver)."""
+        from .reml import REML
+        return REML.of_prepared(self.models[i], self.ys[i], self.Xs[i], self.x_names,
+                                self.method, self.solvers[i], self.dropped,
+                                self._residual_variance)
+
     # ----------------------------------------------------------------- sums
     def residual_variance(self) -> float:
         """Variance of the full data's OLS residuals (as :meth:`REML.residual_variance`),

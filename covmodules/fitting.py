@@ -14,6 +14,7 @@ from .distributed import ShardedREML, world_size
 from .linalg import NotPositiveDefiniteError
 from .reml import REML
 from .results import FitResult
+from .threads import threads_for
 
 __all__ = ["fit", "fit_result", "start_values", "torch_optimizer", "loss_converged", "InUnits",
            "free_parameters", "free_units"]
@@ -77,16 +78,18 @@ def fit(model: CovarianceModule | ShardedREML, y=None, X=None, *, x_names=None,
     else:
         objective = REML(model, y, X, x_names=x_names, method=method, solver=solver,
                          checks=checks)
-    free = start_values(objective, start)
-    if optimizer == "ai":
-        run = AIREML(objective, max_iter=50 if max_iter is None else max_iter, tol=tol,
-                     callback=callback).run(free)
-        return fit_result(objective, run.free, run.converged, run.iterations, optimizer,
-                          run.history, run.boundary, run.state)
-    limit = (200 if optimizer == "lbfgs" else 2000) if max_iter is None else max_iter
-    free, converged, iterations, history = _torch_fit(objective, free, optimizer, limit, tol,
-                                                     lr, callback)
-    return fit_result(objective, free, converged, iterations, optimizer, history)
+    y = getattr(objective, "y", None)
+    with threads_for(objective.solver.cost, None if y is None else y.device):
+        free = start_values(objective, start)
+        if optimizer == "ai":
+            run = AIREML(objective, max_iter=50 if max_iter is None else max_iter, tol=tol,
+                         callback=callback).run(free)
+            return fit_result(objective, run.free, run.converged, run.iterations, optimizer,
+                              run.history, run.boundary, run.state)
+        limit = (200 if optimizer == "lbfgs" else 2000) if max_iter is None else max_iter
+        free, converged, iterations, history = _torch_fit(objective, free, optimizer, limit,
+                                                         tol, lr, callback)
+        return fit_result(objective, free, converged, iterations, optimizer, history)
 
 
 def _old_keywords(optimizer: str, method: str, reml: bool | None) -> tuple[str, str]:

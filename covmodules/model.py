@@ -7,7 +7,7 @@ from torch import nn
 
 from .base import CovarianceModule
 from .operators.base import Operator
-from .structures.block_design import BlockDesignMatrix
+from .structures.block_design import BlockDesignMatrix, block_pattern
 from .structures.design_matrix import DesignMatrix
 from .structures.fixed import FixedMatrix
 
@@ -53,7 +53,7 @@ class MixedModel(Operator):
                 raise TypeError(f"random[{name!r}] must be a tuple (Z, G)")
             Z, G = term
             levels[name], terms[name] = getattr(Z, "levels", None), getattr(Z, "terms", None)
-            designs[name], covariances[name] = _design_module(name, Z), G
+            designs[name], covariances[name] = _design_module(name, Z, G), G
         super().__init__({**covariances, "residual": residual})
         self.designs = nn.ModuleDict(designs)
         self.levels, self.terms = levels, terms
@@ -100,14 +100,7 @@ class MixedModel(Operator):
             return None
         if isinstance(module, BlockDesignMatrix):
             return (module.codes, module.values) if module.k == k else None
-        Z = self.design(name).reshape(n, q // k, k)
-        nonzero = (Z != 0).any(2)
-        count = nonzero.sum(1)
-        if bool((count > 1).any()):
-            return None
-        level = torch.where(count == 1, nonzero.to(torch.int8).argmax(1), -1)
-        values = Z[torch.arange(n), level.clamp(min=0)] * (count == 1)[:, None]
-        return level, values
+        return block_pattern(self.design(name), k)
 
     def z_matmul(self, name: str, W: torch.Tensor) -> torch.Tensor:
         """``Z W`` for random term ``name`` (no dense ``Z`` for a block design)."""
@@ -158,7 +151,9 @@ class MixedModel(Operator):
                                                                      transpose)])
 
 
-def _design_module(name: str, Z) -> CovarianceModule:
+def _design_module(name: str, Z, G) -> CovarianceModule:
+    """``Z`` as a module; a dense ``Z`` with one block of ``k`` columns per level, ``G`` being
+    ``I ⊗ S`` with ``S`` of size ``k``, becomes a :class:`BlockDesignMatrix` (codes and values)."""
     if hasattr(Z, "group_codes") and hasattr(Z, "term_matrix"):       # design.random_design
         return BlockDesignMatrix(Z.group_codes, Z.term_matrix, Z.num_levels)
     if isinstance(Z, DesignMatrix):
@@ -167,4 +162,13 @@ def _design_module(name: str, Z) -> CovarianceModule:
         if Z.num_free_params:
             raise ValueError(f"Z of random term {name!r} must have no free parameters")
         return Z
+    view = G.repeated_block_view() if isinstance(G, CovarianceModule) else None
+    if (view is not None and isinstance(Z, torch.Tensor) and Z.dim() == 2
+            and Z.shape[1] == view.count * view.block.shape[0]):
+        rows = block_pattern(Z, view.block.shape[0])
+        if rows is not None:
+            codes, values = rows
+            if not bool(torch.isfinite(values).all()):
+                raise ValueError(f"Z of random term {name!r} contains NaN or inf")
+            return BlockDesignMatrix(codes.clamp(min=0), values, view.count)
     return FixedMatrix(Z, name=f"Z of random term {name!r}")

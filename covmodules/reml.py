@@ -78,6 +78,18 @@ class REML:
         identify(model)
         self.solver = select_solver(model, solver)
 
+    @classmethod
+    def of_prepared(cls, model, y, X, x_names, method, solver, dropped,
+                    residual_variance: float) -> "REML":
+        """The objective of data already validated as part of a whole (a shard of a
+        :class:`~covmodules.distributed.ShardedREML`): no checks, the whole's column
+        decisions and scale."""
+        self = cls.__new__(cls)
+        self.model, self.method, self.reduction = model, method, "sum"
+        self.y, self.X, self.x_names, self.dropped = y, X, list(x_names), list(dropped)
+        self._residual_variance, self.solver = residual_variance, solver
+        return self
+
     @property
     def n(self) -> int:
         return self.y.shape[0]

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
 import torch
 
 from .base import CovarianceModule
+from .distributed import ShardedREML
 from .model import MixedModel
 from .operators import Grouped, KroneckerProduct, Sum
 from .reml import REML
@@ -140,10 +141,24 @@ class FitResult:
         return pd.DataFrame(rows)
 
     # -------------------------------------------------------- BLUPs, predictions
+    @property
+    def sharded(self) -> bool:
+        """Whether the fit is a :class:`~covmodules.distributed.ShardedREML`'s."""
+        return isinstance(self.objective, ShardedREML)
+
+    def shard(self, i: int) -> "FitResult":
+        """The fit seen from shard ``i`` of a sharded fit: its own rows, the global ``b̂``
+        and the shard's ``P y`` (exact for its BLUPs, which depend on no other shard)."""
+        if not self.sharded:
+            raise ValueError("shard(i) needs a sharded fit (a ShardedREML objective)")
+        objective = self.objective.shard(i)
+        objective.model.set_free_params(self.free)
+        return replace(self, objective=objective, state=self.state.shards[i])
+
     def blups(self) -> dict[str, pd.DataFrame]:
         """BLUPs ``G Zᵀ P y`` of each random term, one row per level when levels are known."""
         model = self.model
-        if not isinstance(model, MixedModel) or not hasattr(self.state, "Py"):
+        if not isinstance(model, MixedModel) or self.sharded:
             return {}
         out = {}
         with torch.no_grad():
@@ -160,9 +175,9 @@ class FitResult:
 
     def fitted(self, conditional: bool = True) -> np.ndarray:
         """``X b̂`` (marginal) or ``X b̂ + Σ Z û`` (conditional) for the fitted data."""
-        if not hasattr(self.objective, "X"):
-            raise ValueError("a sharded fit has no single data set: predict each shard with "
-                             "its own model at result.free")
+        if self.sharded:
+            raise ValueError("a sharded fit has no single data set: use result.shard(i) for "
+                             "shard i's fitted values and BLUPs")
         X = self.objective.X.to(self.state.beta)
         out = X @ self.state.beta
         model = self.model

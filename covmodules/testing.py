@@ -43,7 +43,7 @@ import torch
 
 from .base import CovarianceModule
 
-__all__ = ["check_gradients", "random_points"]
+__all__ = ["check_gradients", "check_solver", "random_points"]
 
 DTYPE = torch.float64
 TOL = 1e-10         # float64 closed form against autograd: rounding only
@@ -96,6 +96,59 @@ def check_gradients(module: CovarianceModule, points=None, gradcheck: bool = Tru
         for p in points[:3]:
             x = p.clone().requires_grad_(True)
             torch.autograd.gradcheck(lambda f: module(f), (x,), eps=1e-6, atol=1e-6)
+
+
+def check_solver(model, y: torch.Tensor, X: torch.Tensor, name: str, free=None,
+                 method: str = "reml", rtol: float = 1e-8) -> None:
+    """Check that solver ``name`` gives every REML quantity of the dense reference path at
+    ``free`` (default: a fixed random point) to ``rtol`` relative: natural-scale gradient,
+    log-likelihood, BLUE and its covariance, ``P y``, gradient, AI matrix, the loss's
+    derivatives in the free parameters, ``y`` and ``X`` through autograd, and the BLUPs of a
+    :class:`~covmodules.MixedModel`. Raises ``AssertionError`` naming the quantity."""
+    from .linalg import SOLVERS, DenseSolver
+    from .linalg.dense import cotangent_v
+    from .model import MixedModel
+    from .reml import REML
+    from .results import FitResult
+
+    structured, dense = SOLVERS[name](model), DenseSolver(model)
+    if free is None:
+        g = torch.Generator().manual_seed(7)
+        free = 0.5 * torch.randn(model.num_free_params, generator=g, dtype=DTYPE)
+    s, d = structured.state(free, y, X, method), dense.state(free, y, X, method)
+
+    def same(ours, ref, what):
+        ours, ref = torch.as_tensor(ours, dtype=DTYPE), torch.as_tensor(ref, dtype=DTYPE)
+        err = float((ours - ref).abs().max()) if ref.numel() else 0.0
+        scale = float(ref.abs().max()) if ref.numel() else 1.0
+        _require(err <= rtol * max(scale, 1e-300),
+                 f"{what}: relative error {err / scale:.3g} (solver {name!r} against dense)")
+
+    def loss_grads(solver):
+        f, yy, XX = (t.clone().requires_grad_(True) for t in (free, y, X))
+        loss = solver.loss(f, yy, XX, method)
+        return (loss.detach(), *torch.autograd.grad(loss, (f, yy, XX)))
+
+    nat = model.build_params(free)                            # fixed parameters included
+    same(structured.natural_gradient(nat, s), model._vjp(nat, cotangent_v(d)),
+         "natural-scale gradient")
+    same(s.neg_loglik, d.neg_loglik, "log-likelihood")
+    same(s.beta, d.beta, "BLUE")
+    same(s.cov_beta, d.cov_beta, "cov(BLUE)")
+    same(s.Py, d.Py, "P y")
+    same(structured.gradient(free, s), dense.gradient(free, d), "gradient")
+    same(structured.average_information(free, s), dense.average_information(free, d),
+         "AI matrix")
+    for a, b, what in zip(loss_grads(structured), loss_grads(dense),
+                          ["loss", "d loss/d free", "d loss/d y", "d loss/d X"]):
+        same(a, b, what)
+    if isinstance(model, MixedModel):
+        blups = [FitResult(REML(model, y, X, method=method, solver=sol), free, st, None,
+                           True, 0, "ai").blups()
+                 for sol, st in ((structured, s), (dense, d))]
+        for term in model.term_names:
+            same(torch.tensor(blups[0][term].to_numpy()),
+                 torch.tensor(blups[1][term].to_numpy()), f"BLUP of {term}")
 
 
 def _require(condition: bool, message: str) -> None:

@@ -130,7 +130,7 @@ def _slope_model(name, G_of, truth, **extra):
         model = MixedModel(random={"g": (Z, G)}, residual=ScalarMatrix(r["g"].numel()))
         return model, y, design_x(slope)
 
-    return ModelSpec(name, ("dense", "grouped", "woodbury"), rows, build, truth,
+    return ModelSpec(name, ("dense", "grouped", "woodbury", "mme"), rows, build, truth,
                      beta=(1.0, 0.5), factors={"g": L}, terms={"g": ("g", 2)}, **extra)
 
 
@@ -154,7 +154,7 @@ def _scalar_intercept():
                            residual=ScalarMatrix(r["g"].numel()))
         return model, y, design_x(r["x"])
 
-    return ModelSpec("scalar_intercept", ("dense", "grouped", "woodbury"),
+    return ModelSpec("scalar_intercept", ("dense", "grouped", "woodbury", "mme"),
                      lambda: longitudinal(L, T, seed=1), build,
                      {"g/sigma^2": 0.8, "residual/sigma^2": 0.5}, beta=(2.0, -1.0),
                      factors={"g": L}, terms={"g": ("g", 1)})
@@ -194,7 +194,7 @@ def _crossed():
                            residual=ScalarMatrix(r["g"].numel()))
         return model, y, design_x(r["x"])
 
-    return ModelSpec("crossed_intercepts", ("dense", "woodbury"),
+    return ModelSpec("crossed_intercepts", ("dense", "woodbury", "mme"),
                      lambda: crossed(A, B, seed=3), build,
                      {"a/sigma^2": 1.0, "b/sigma^2": 0.6, "residual/sigma^2": 0.3},
                      beta=(0.5, 1.0), factors={"g": A, "h": B},

@@ -19,10 +19,9 @@ from covmodules import (AR1Matrix, CompoundSymmetricMatrix, DesignMatrix, Diagon
 from covmodules.design import fixed_design, positions_within_group
 from covmodules.linalg import (SOLVERS, DenseSolver, KroneckerSolver, NotPositiveDefiniteError,
                                applicable_solvers, complete_grid, identify, select_solver)
-from covmodules.linalg.dense import NegLogLikFunction, cotangent_v, factorize
+from covmodules.linalg.dense import NegLogLikFunction, factorize
 from covmodules.linalg.woodbury import root
-from covmodules.reml import REML
-from covmodules.results import FitResult
+from covmodules.testing import check_solver
 
 from oracle import build
 
@@ -46,39 +45,9 @@ def assert_rel(ours, ref, what):
     assert err <= RTOL * max(scale, 1e-300), f"{what}: relative error {err / scale:.3g}"
 
 
-def loss_grads(solver, free, y, X, method):
-    f, yy, XX = (t.clone().requires_grad_(True) for t in (free, y, X))
-    loss = solver.loss(f, yy, XX, method)
-    return (loss.detach(), *torch.autograd.grad(loss, (f, yy, XX)))
-
-
 def check_equals_dense(model, y, X, name, free=None, method="reml"):
     """Every solver quantity of solver ``name`` equals the dense path at ``free``."""
-    structured, dense = SOLVERS[name](model), DenseSolver(model)
-    if free is None:
-        free = 0.5 * randn(model.num_free_params, g=gen(7))
-    s, d = structured.state(free, y, X, method), dense.state(free, y, X, method)
-    nat = model.build_params(free)                            # fixed parameters included
-    assert_rel(structured.natural_gradient(nat, s), model._vjp(nat, cotangent_v(d)),
-               "natural-scale gradient")
-    assert_rel(s.neg_loglik, d.neg_loglik, "log-likelihood")
-    assert_rel(s.beta, d.beta, "BLUE")
-    assert_rel(s.cov_beta, d.cov_beta, "cov(BLUE)")
-    assert_rel(s.Py, d.Py, "P y")
-    assert_rel(structured.gradient(free, s), dense.gradient(free, d), "gradient")
-    assert_rel(structured.average_information(free, s), dense.average_information(free, d),
-               "AI matrix")
-    for a, b, what in zip(loss_grads(structured, free, y, X, method),
-                          loss_grads(dense, free, y, X, method),
-                          ["loss", "d loss/d free", "d loss/d y", "d loss/d X"]):
-        assert_rel(a, b, what)
-    if isinstance(model, MixedModel):
-        blups = [FitResult(REML(model, y, X, method=method, solver=sol), free, st, None,
-                           True, 0, "ai").blups()
-                 for sol, st in ((structured, s), (dense, d))]
-        for term in model.term_names:
-            assert_rel(torch.tensor(blups[0][term].to_numpy()),
-                       torch.tensor(blups[1][term].to_numpy()), f"BLUP of {term}")
+    check_solver(model, y, X, name, free=free, method=method, rtol=RTOL)
 
 
 def identified(model):

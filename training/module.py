@@ -34,7 +34,6 @@ final log-likelihood, AIC and BIC (``hp/loglik``, ``hp/aic``, ``hp/bic``). At th
 from __future__ import annotations
 
 import copy
-import dataclasses
 from typing import Literal, Optional
 
 import lightning as L
@@ -48,6 +47,7 @@ from torchmetrics import MeanSquaredError, R2Score
 from covmodules import CovarianceModule
 from covmodules.checks import Checks
 from covmodules.distributed import ShardedREML, world_size
+from covmodules.threads import per_process
 from covmodules.fitting import (METHODS, OPTIMIZERS, fit_result, free_parameters,
                                 loss_converged, start_values, torch_optimizer)
 from covmodules.reml import REML
@@ -205,6 +205,9 @@ class REMLModule(L.LightningModule):
                                self.objective)
 
     def on_fit_start(self) -> None:
+        local = getattr(self.trainer, "num_devices", 1)
+        if self.device.type == "cpu" and local > 1 and self.trainer.world_size > 1:
+            torch.set_num_threads(per_process(local))    # the cores split between processes
         for p in self._shards or []:
             p.model.to(self.device)
             p.y, p.X = p.y.to(self.device), p.X.to(self.device)
@@ -396,18 +399,11 @@ class REMLModule(L.LightningModule):
         return prediction_frame(p, batch.split, marginal, training)
 
     def _batch_result(self, problem: Problem) -> FitResult:
-        """:attr:`result` seen from a training batch, for its fitted values and BLUPs: a
-        split training set's batch with its own rows (the columns the fit kept) and its own
-        ``P y`` with the global ``b̂``, exact because its groups' BLUPs depend on no other
-        rows."""
+        """:attr:`result` seen from a training batch, for its fitted values and BLUPs
+        (:meth:`FitResult.shard` of a split training set)."""
         if not self.sharded:
             return self.result
-        i = next(i for i, q in enumerate(self._shards) if q is problem)
-        problem.model.set_free_params(self.result.free)   # ShardedREML reads the first's
-        rows = Problem(problem.model, problem.y, self._kept_columns(problem),
-                       self.objective.x_names, problem.frame)
-        return dataclasses.replace(self.result, objective=rows,
-                                   state=self.result.state.shards[i])
+        return self.result.shard(next(i for i, q in enumerate(self._shards) if q is problem))
 
     def blup_table(self) -> pd.DataFrame:
         """BLUPs of the random terms, one row per (term, level, coefficient)."""

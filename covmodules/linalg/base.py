@@ -30,7 +30,7 @@ from torch.autograd.function import once_differentiable
 from .statistics import GLSStatistics, NotPositiveDefiniteError
 
 __all__ = ["NotPositiveDefiniteError", "UnsupportedStructure", "Solver", "Factor", "GLSState",
-           "gls", "NegLogLik", "additive_pieces"]
+           "gls", "NegLogLik", "additive_pieces", "term_dv"]
 
 
 class UnsupportedStructure(ValueError):
@@ -229,3 +229,13 @@ def additive_pieces(model) -> list[tuple[str | None, object, int]]:
             offset += G.num_params
         return out + leaves(model._modules["residual"], offset)
     return leaves(model, 0)
+
+
+def term_dv(block, part, codes, values, num_levels: int, Py: torch.Tensor) -> torch.Tensor:
+    """``[Z (I ⊗ ∂S/∂θ_k) Zᵀ P y]_k`` (``K x n``) of a random term ``Z (I ⊗ S) Zᵀ`` whose ``Z``
+    has one block of columns per level (``codes``, ``values``): through the level sums
+    ``Z̃ᵀ P y`` (``L x k``), without ``Z``."""
+    values = values.to(Py.dtype)
+    sums = Py.new_zeros(num_levels, values.shape[1]).index_add_(0, codes, values * Py[:, None])
+    dS = block._dv_matmul(part, sums.T)                                  # (K, k, L)
+    return torch.einsum("ik,Kki->Ki", values, dS[:, :, codes])

@@ -37,7 +37,8 @@ import torch
 
 from ..capabilities import DiagonalView
 from ..operators.grouped import Grouped
-from .base import Factor, GLSState, Solver, UnsupportedStructure, additive_pieces
+from .base import (Factor, GLSState, Solver, UnsupportedStructure, additive_pieces,
+                   term_dv)
 from .dense import cholesky
 
 __all__ = ["GroupedSolver", "GroupedFactor"]
@@ -134,7 +135,9 @@ class GroupedSolver(Solver):
             if rows is None:
                 raise UnsupportedStructure(
                     f"random term {name!r} is not I ⊗ S with one block of Z columns per level")
-            return _Piece("term", module, offset, S, codes=rows[0], values=rows[1])
+            codes, values = rows                 # a row of zeros belongs to no level
+            codes = torch.where((values != 0).any(1), codes, -1)
+            return _Piece("term", module, offset, S, codes=codes, values=values)
         view = module.diagonal_view()
         if view is not None:
             return _Piece("diagonal", module, offset, diagonal=view)
@@ -286,12 +289,8 @@ class GroupedSolver(Solver):
             for p in self.pieces:
                 part, rows = self._slice(nat, p), slice(p.offset, p.offset + p.num_params)
                 if p.kind == "term":
-                    level, values = p.codes.clamp(min=0), p.values.to(Py.dtype)
-                    k = values.shape[1]
-                    sums = Py.new_zeros(p.module.shape[0] // k, k).index_add_(
-                        0, level, values * Py[:, None])
-                    dS = p.inner._dv_matmul(part, sums.T)            # (K, k, L)
-                    U[rows] = torch.einsum("ik,Kki->Ki", values, dS[:, :, level])
+                    U[rows] = term_dv(p.inner, part, p.codes.clamp(min=0), p.values,
+                                      p.module.shape[0] // p.values.shape[1], Py)
                 else:
                     U[rows] = p.module._dv_matmul(part, Py[:, None])[..., 0]
             U = model.to_free(U, free)

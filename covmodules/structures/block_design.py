@@ -13,7 +13,7 @@ import torch
 from ..base import Structure
 from ..validation import check_size
 
-__all__ = ["BlockDesignMatrix", "block_matmul", "block_rmatmul"]
+__all__ = ["BlockDesignMatrix", "block_matmul", "block_rmatmul", "block_pattern"]
 
 
 def block_matmul(codes, values, num_levels: int, W: torch.Tensor) -> torch.Tensor:
@@ -27,12 +27,37 @@ def block_matmul(codes, values, num_levels: int, W: torch.Tensor) -> torch.Tenso
 
 
 def block_rmatmul(codes, values, num_levels: int, W: torch.Tensor) -> torch.Tensor:
-    """``Zᵀ W`` for ``W`` of shape ``(n, r)``: ``k`` row scatter-adds."""
-    k, values = values.shape[1], values.to(W.dtype)
-    out = W.new_zeros(num_levels, k, W.shape[1])
-    for a in range(k):
-        out[:, a].index_add_(0, codes, values[:, a:a + 1] * W)
-    return out.reshape(num_levels * k, -1)
+    """``Zᵀ W`` for ``W`` of shape ``(n, r)``: one row scatter-add of the ``k r`` products."""
+    (n, k), r, values = values.shape, W.shape[1], values.to(W.dtype)
+    products = (values[:, :, None] * W[:, None, :]).reshape(n, k * r) if k > 1 else values * W
+    return W.new_zeros(num_levels, k * r).index_add_(0, codes, products).reshape(-1, r)
+
+
+def block_pattern(Z: torch.Tensor, k: int):
+    """``(level, values)`` when every row of a dense ``Z`` (``n x L k``) is zero outside one
+    block of ``k`` columns (``level = -1`` and zero values for a row of zeros), else ``None``.
+    One pass over ``Z``'s nonzeros; no temporary of ``Z``'s size.
+
+    >>> block_pattern(torch.tensor([[0.0, 0.0, 1.0, 2.0], [3.0, 4.0, 0.0, 0.0]]), 2)
+    (tensor([1, 0]), tensor([[1., 2.],
+            [3., 4.]]))
+    """
+    n, q = Z.shape
+    if q % k:
+        return None
+    rows, cols = Z.nonzero(as_tuple=True)
+    blocks = cols // k
+    first = torch.full((n,), q, dtype=blocks.dtype, device=Z.device).scatter_reduce(
+        0, rows, blocks, "amin")
+    last = torch.full((n,), -1, dtype=blocks.dtype, device=Z.device).scatter_reduce(
+        0, rows, blocks, "amax")
+    empty = last < 0
+    if bool((~empty & (first != last)).any()):
+        return None
+    level = torch.where(empty, -1, last)
+    columns = level.clamp(min=0)[:, None] * k + torch.arange(k, device=Z.device)
+    values = Z.gather(1, columns) * (~empty)[:, None]
+    return level, values
 
 
 class BlockDesignMatrix(Structure):
