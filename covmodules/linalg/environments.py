@@ -86,9 +86,10 @@ class MultiEnvironmentSolver(Solver):
         self.blocks = self._residual_blocks(model._modules["residual"],
                                             sum(G.num_params for _, G, _ in terms), env_rows)
         self._assign_environments(env_rows)
-        if all(b.kind == "diag" for b in self.blocks) and self.env is None:
-            raise UnsupportedStructure("a diagonal residual without an environment term is the "
-                                       "Woodbury solver's")
+        if all(b.kind == "diag" for b in self.blocks) and (self.env is None
+                                                            or self.env[4] < 2):
+            raise UnsupportedStructure("a diagonal residual without a term over two or more "
+                                       "environments is the Woodbury / mme solvers'")
         if self.env is not None:
             _, _, _, _, E, _, level, values = self.env
             rows = (env_rows >= 0).nonzero()[:, 0]
