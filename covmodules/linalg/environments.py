@@ -34,6 +34,7 @@ matrix is the solvers' common one (structured ``dV`` products, whitened by this 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -305,11 +306,9 @@ def _inner_a(f: LowRankFactor, env, b: int) -> torch.Tensor:
     ``N_b M₂⁻¹ N_bᵀ``, ``N_b = (I - S M_b⁻¹ S K) Λ̃_b``."""
     B1 = torch.linalg.solve_triangular(f.LM, torch.diag(f.scale), upper=False)
     A = B1.T @ B1
-    if env is not None:
-        N = env.lift(b, torch.eye(env.q, dtype=A.dtype, device=A.device))
-        N = N - A @ (f.K @ N)
-        B2 = torch.linalg.solve_triangular(env.LM, N.T, upper=False)
-        A = A + B2.T @ B2
+    if env is not None:                         # N M₂⁻¹ Nᵀ = P Λ̃_b M₂⁻¹ Λ̃_bᵀ Pᵀ
+        P = torch.eye(A.shape[0], dtype=A.dtype, device=A.device) - A @ f.K
+        A = A + P @ env.spread(b, env.inverse) @ P.T
     return A
 
 
@@ -333,7 +332,7 @@ class EnvironmentFactor(Factor):
             low = torch.linalg.solve_triangular(f.LM, f.scale[:, None] * f.K, upper=False)
             self.Zhat[b] = torch.cat([f.Zw, low])
             Ks[b] = f.K - low.T @ low
-            M += self.lift(b, Ks[b] @ self.lift(b, torch.eye(self.q, dtype=M.dtype)), True)
+            M += self.sandwich(b, Ks[b])
         self.LM, info = torch.linalg.cholesky_ex(0.5 * (M + M.T))
         if int(info) != 0:
             raise NotPositiveDefiniteError("the level-2 equations are not positive definite")
@@ -342,12 +341,30 @@ class EnvironmentFactor(Factor):
         self.rows = level1.rows + self.q
         self.logdet = level1.logdet + 2 * torch.log(self.LM.diagonal()).sum()
 
+    @functools.cached_property
+    def inverse(self) -> torch.Tensor:
+        """``M₂⁻¹``."""
+        return torch.cholesky_inverse(self.LM)
+
     def lift(self, b: int, x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
         """``Λ̃_b x`` (``x``: ``kL x c``), or ``Λ̃_bᵀ x`` (``x``: ``|E_b| L x c``)."""
         Lam, c = self.Lams[b], x.shape[1]
         if transpose:
             return (Lam.T @ x.reshape(Lam.shape[0], -1)).reshape(self.q, c)
         return (Lam @ x.reshape(self.k, -1)).reshape(Lam.shape[0] * self.L, c)
+
+    def sandwich(self, b: int, K: torch.Tensor) -> torch.Tensor:
+        """``Λ̃_bᵀ K Λ̃_b`` (``kL`` square) for ``K`` of size ``|E_b| L``, in ``|E_b|² k L²``."""
+        Lam, L = self.Lams[b], self.L
+        K4 = K.reshape(Lam.shape[0], L, Lam.shape[0], L)
+        return torch.einsum("ec,ejfl,fd->cjdl", Lam, K4, Lam).reshape(self.q, self.q)
+
+    def spread(self, b: int, M: torch.Tensor) -> torch.Tensor:
+        """``Λ̃_b M Λ̃_bᵀ`` (``|E_b| L`` square) for ``M`` of size ``kL``."""
+        Lam, L = self.Lams[b], self.L
+        M4 = M.reshape(self.k, L, self.k, L)
+        a = Lam.shape[0]
+        return torch.einsum("ec,cjdl,fd->ejfl", Lam, M4, Lam).reshape(a * L, a * L)
 
     def _block(self, b, W):
         return W[self.offsets[b]:self.offsets[b + 1]]
