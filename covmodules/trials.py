@@ -40,6 +40,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .design import RandomDesign
 from .linalg.kronecker import complete_grid
 from .model import MixedModel
 from .operators.block_diagonal import BlockDiagonal
@@ -144,8 +145,9 @@ def multi_environment(df: pd.DataFrame, y: str = "y", env: str = "env",
     names += [f"missing[{envs[int(env_code[i])]},{i}]" for i in missing.tolist()]
     X = torch.cat(columns, 1)
     X[missing, :E * (2 if trend else 1)] = 0
-    Z = BlockDesignMatrix(torch.from_numpy(np.concatenate([c for *_, c in parts])),
-                          one_hot * observed[:, None], L)
+    Z = RandomDesign((genotype,), [str(g) for g in genos], [f"env[{label}]" for label in envs],
+                     torch.from_numpy(np.concatenate([c for *_, c in parts])),
+                     one_hot * observed[:, None])
     random = {"gxe": (Z, KroneckerProduct(genotypes=IdentityMatrix(L),
                                           environments=_sigma(sigma, E, k)))}
     for flag, name, sizes, effects in ((row_effects, "row", [m for m, _ in shapes], random_rows),
