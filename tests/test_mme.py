@@ -182,3 +182,19 @@ def test_dense_z_with_nan_is_refused_naming_the_term():
     Z[0, 0] = float("nan")
     with pytest.raises(ValueError, match="Z of random term 'g' contains NaN"):
         MixedModel(random={"g": (Z, ScalarMatrix(4))}, residual=ScalarMatrix(4))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_mme_on_cuda_matches_cpu():
+    results = []
+    for device in ("cpu", "cuda"):
+        model = crossed_model().to(device)
+        y, X = (t.to(device) for t in data(model.shape[0]))
+        free = 0.5 * torch.randn(model.num_free_params, generator=gen(7), dtype=DTYPE)
+        solver = select_solver(model, "mme")
+        state = solver.state(free.to(device), y, X, "reml")
+        results.append([state.neg_loglik, solver.gradient(free.to(device), state),
+                        solver.average_information(free.to(device), state)])
+    for cpu, cuda in zip(*results):
+        assert cuda.is_cuda
+        torch.testing.assert_close(cuda.cpu(), cpu, rtol=1e-8, atol=1e-10)

@@ -301,7 +301,9 @@ def test_woodbury_fit_matches_lme4():
     ("kronecker", KRONECKER_MODELS["unstructured x ar1"]),
     ("grouped", grouped_models()["intercept + slope, iid"]),
     ("woodbury", woodbury_models()["slope, diagonal residual"]),
-    ("woodbury", woodbury_models()["crossed"])])
+    ("woodbury", woodbury_models()["crossed"]),
+    ("mme", woodbury_models()["crossed"]),
+    ("mme", woodbury_models()["slope, diagonal residual"])])
 def test_overflowing_parameters_raise_not_positive_definite(name, make):
     """An overflowing variance (an AI step too far) is a NotPositiveDefiniteError, which the
     fitting loop answers by step halving, in every solver (not eigh's own error)."""

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from .dense import cholesky
+from .statistics import NotPositiveDefiniteError
 
 __all__ = ["Pattern", "MixedModelFactor"]
 
@@ -51,6 +52,7 @@ class _Bucket:
     levels: torch.Tensor       # (count,) levels of term 0
     columns: torch.Tensor      # (count, z) columns of the other terms (in ``0..s-1``)
     entries: torch.Tensor      # (count, z) index into the pair-major entry order
+    cells: torch.Tensor        # (count * z * z,) the flat ``s x s`` cells of its column pairs
 
 
 class Pattern:
@@ -89,7 +91,13 @@ class Pattern:
         for z in torch.unique(lengths[lengths > 0]).tolist():
             members = torch.nonzero(lengths == z)[:, 0]
             at = order[starts[members][:, None] + torch.arange(z, device=device)]
-            self.buckets.append(_Bucket(members, columns[at], at))
+            cols = columns[at]
+            cells = (cols[:, :, None] * s + cols[:, None, :]).reshape(-1)
+            self.buckets.append(_Bucket(members, cols, at, cells))
+        if self.buckets:                                   # every bucket at once
+            self.cells = torch.cat([b.cells for b in self.buckets])
+            self.columns = torch.cat([b.columns.reshape(-1) for b in self.buckets])
+            self.levels = torch.cat([b.levels for b in self.buckets])
         self.flops = float(k0 * (lengths.double() ** 2).sum()) + s ** 3 / 3
 
     def to_buckets(self, blocks: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -122,40 +130,47 @@ class MixedModelFactor:
         D: ``(m0, k0, k0)`` diagonal blocks of term 0 (each ``≥ I``, so their triangular
             inverses, kept for the solves, are well conditioned).
         B: per other term, ``(pairs, k0, k_u)`` blocks of ``M_{0u}``.
-        C: ``(s, s)`` block of the other terms.
+        C: ``(s, s)`` block of the other terms (overwritten by the Schur complement).
     """
 
     def __init__(self, pattern: Pattern, D, B: list[torch.Tensor], C: torch.Tensor):
         message = "I + Λᵀ Zᵀ R⁻¹ Z Λ is not positive definite"
         self.pattern = pattern
-        self.LD = cholesky(D, message)
         m0, k0 = pattern.sizes[0]
-        eye = torch.eye(k0, dtype=D.dtype, device=D.device).expand(m0, k0, k0)
-        self.LDinv = torch.linalg.solve_triangular(self.LD, eye, upper=False)   # k0 x k0 each
+        if k0 == 1:                                        # D ≥ I: square roots
+            if not bool(torch.isfinite(D).all()):
+                raise NotPositiveDefiniteError(message)
+            self.LD = D.sqrt()
+            self.LDinv = 1 / self.LD
+        else:
+            self.LD = cholesky(D, message)
+            eye = torch.eye(k0, dtype=D.dtype, device=D.device).expand(m0, k0, k0)
+            self.LDinv = torch.linalg.solve_triangular(self.LD, eye, upper=False)
         self.E = [self.LDinv[b.levels] @ part
                   for b, part in zip(pattern.buckets, pattern.to_buckets(B))]
-        S = C.clone()
-        for b, E in zip(pattern.buckets, self.E):
-            S.index_put_((b.columns[:, :, None], b.columns[:, None, :]),
-                         -(E.transpose(1, 2) @ E), accumulate=True)
+        S = C
+        if self.E:                                                 # S = C - Eᵀ E
+            S.view(-1).index_add_(0, pattern.cells,
+                                  torch.cat([(E.transpose(1, 2) @ E).reshape(-1)
+                                             for E in self.E]), alpha=-1)
         self.LS = cholesky(S, message) if pattern.s else S
         self.logdet = 2 * (torch.log(self.LD.diagonal(dim1=1, dim2=2)).sum()
                            + torch.log(self.LS.diagonal()).sum())
 
     def _e_t(self, x0: torch.Tensor) -> torch.Tensor:
         """``Eᵀ x_0`` for ``x_0`` of shape ``(m0, k0, r)``: ``(s, r)``."""
-        out = x0.new_zeros(self.pattern.s, x0.shape[-1])
-        for b, E in zip(self.pattern.buckets, self.E):
-            out.index_add_(0, b.columns.reshape(-1),
-                           (E.transpose(1, 2) @ x0[b.levels]).reshape(-1, x0.shape[-1]))
-        return out
+        r = x0.shape[-1]
+        parts = [(E.transpose(1, 2) @ x0[b.levels]).reshape(-1, r)
+                 for b, E in zip(self.pattern.buckets, self.E)]
+        return x0.new_zeros(self.pattern.s, r).index_add_(0, self.pattern.columns,
+                                                          torch.cat(parts))
 
     def _e(self, x: torch.Tensor) -> torch.Tensor:
         """``E x`` for ``x`` of shape ``(s, r)``: ``(m0, k0, r)``."""
         m0, k0 = self.pattern.sizes[0]
         out = x.new_zeros(m0, k0, x.shape[-1])
-        for b, E in zip(self.pattern.buckets, self.E):
-            out[b.levels] = E @ x[b.columns]
+        out[self.pattern.levels] = torch.cat([E @ x[b.columns]
+                                              for b, E in zip(self.pattern.buckets, self.E)])
         return out
 
     def solve_lower(self, u: torch.Tensor) -> torch.Tensor:
@@ -183,9 +198,10 @@ class MixedModelFactor:
         m0, k0 = self.pattern.sizes[0]
         Sinv = torch.cholesky_inverse(self.LS) if self.pattern.s else self.LS
         inner = torch.eye(k0, dtype=self.LD.dtype, device=self.LD.device).repeat(m0, 1, 1)
-        cross = []
+        cross, flat = [], Sinv.reshape(-1)
         for b, E in zip(self.pattern.buckets, self.E):
-            F = E @ Sinv[b.columns[:, :, None], b.columns[:, None, :]]       # E_j S⁻¹ (pattern)
+            z = b.columns.shape[1]
+            F = E @ flat[b.cells].reshape(-1, z, z)                # E_j S⁻¹ on its pattern
             inner.index_add_(0, b.levels, F @ E.transpose(1, 2))
             cross.append(-self.LDinv[b.levels].mT @ F)
         diagonal = self.LDinv.mT @ inner @ self.LDinv

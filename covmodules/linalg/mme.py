@@ -68,26 +68,39 @@ def _root(S: torch.Tensor, floor: float) -> torch.Tensor:
 def _lam_t(L, x):
     """``(I ⊗ L)ᵀ x`` for ``x`` of shape ``(m k, r)``."""
     k = L.shape[0]
+    if k == 1:
+        return x * L[0, 0]
     return torch.einsum("ba,mbr->mar", L, x.reshape(-1, k, x.shape[-1])).reshape(x.shape)
 
 
 def _lam(L, x):
     """``(I ⊗ L) x``."""
     k = L.shape[0]
+    if k == 1:
+        return x * L[0, 0]
     return torch.einsum("ab,mbr->mar", L, x.reshape(-1, k, x.shape[-1])).reshape(x.shape)
 
 
 class MMEFactor(Factor):
     """``V = R + Z Λ Λᵀ Zᵀ`` through the blocked factor of ``M``; signature ``(+n, −q)``."""
 
-    def __init__(self, r, terms: list[_Term], lams: list[torch.Tensor], M: MixedModelFactor):
+    def __init__(self, r, terms: list[_Term], lams: list[torch.Tensor], M: MixedModelFactor,
+                 data_sums=None):
         self.r, self.terms, self.lams, self.M, self.n = r, terms, lams, M, r.shape[0]
         self.logdet = torch.log(r).sum() + M.logdet
+        self.data_sums = data_sums if bool((r == r[0]).all()) else None
 
     def lam_zt(self, B):
         """``Λᵀ Zᵀ B`` (``q x r``)."""
         return torch.cat([_lam_t(L, block_rmatmul(t.codes, t.values, t.m, B))
                           for t, L in zip(self.terms, self.lams)])
+
+    def _lam_zt_r(self, B):
+        """``Λᵀ Zᵀ R⁻¹ B``, from the kept ``Z̃ᵀ B`` of the fit's data when ``R = r I``."""
+        sums = None if self.data_sums is None else self.data_sums(B)
+        if sums is None:
+            return self.lam_zt(B / self.r[:, None])
+        return torch.cat([_lam_t(L, part) for part, L in zip(sums, self.lams)]) / self.r[0]
 
     def z_lam(self, x):
         """``Z Λ x`` (``n x r``)."""
@@ -99,7 +112,7 @@ class MMEFactor(Factor):
         return out
 
     def whiten(self, B):
-        low = self.M.solve_lower(self.lam_zt(B / self.r[:, None]))
+        low = self.M.solve_lower(self._lam_zt_r(B))
         return torch.cat([B / self.r.sqrt()[:, None], low])
 
     def unwhiten(self, W):
@@ -143,6 +156,7 @@ class MMESolver(Solver):
         self.n = model.shape[0]
         self.pattern = Pattern([t.codes for t in self.terms], [(t.m, t.k) for t in self.terms])
         self._unit = None                                  # Zᵀ Z blocks (R = σ² I)
+        self._data = []                                    # (B, version, Z̃ᵀ B) of y and X
 
     #: flop-equivalent of one evaluation's fixed work per term (its dozen small kernels and
     #: Python steps, about 0.5 ms measured on sleepstudy-sized models against the grouped
@@ -155,13 +169,13 @@ class MMESolver(Solver):
                 + self.OVERHEAD * len(self.terms))
 
     def _cross_products(self, w: torch.Tensor):
-        """``Zᵀ diag(w) Z`` as ``(D blocks, pair blocks per other term, dense rest)``."""
+        """``Zᵀ diag(w) Z = c · (D blocks, pair blocks per other term, dense rest)``: the sums
+        of unit weights (kept) and ``c = w_0`` for a constant ``w``, else those of ``w`` and 1."""
         if bool((w == w[0]).all()):
             if self._unit is None or self._unit[0].dtype != w.dtype:
                 self._unit = self._sums(torch.ones_like(w))
-            D, B, C = self._unit
-            return D * w[0], [b * w[0] for b in B], C * w[0]
-        return self._sums(w)
+            return (*self._unit, w[0])
+        return (*self._sums(w), w.new_ones(()))
 
     def _sums(self, w):
         t0, rest, p = self.terms[0], self.terms[1:], self.pattern
@@ -184,6 +198,27 @@ class MMESolver(Solver):
                     C.index_add_(0, index.reshape(-1), value.transpose(1, 2).reshape(-1))
         return D, B, C.reshape(p.s, p.s)
 
+    def state(self, free, y, X, method):
+        """As :meth:`Solver.state`; ``Z̃ᵀ X`` and ``Z̃ᵀ y`` are summed once per data set."""
+        self._data = [(B, B._version, [block_rmatmul(t.codes, t.values, t.m, B.to(free))
+                                       for t in self.terms])
+                      if found is None else found
+                      for B in (X, y[:, None]) for found in [self._data_sums_entry(B)]]
+        return super().state(free, y, X, method)
+
+    def _data_sums_entry(self, B):
+        for entry in self._data:
+            kept, version, _ = entry
+            if (kept.data_ptr() == B.data_ptr() and kept.shape == B.shape
+                    and kept.stride() == B.stride() and kept.dtype == B.dtype
+                    and kept.device == B.device and version == B._version):
+                return entry
+        return None
+
+    def _data_sums(self, B):
+        entry = self._data_sums_entry(B)
+        return None if entry is None else entry[2]
+
     def _r(self, nat):
         return sum(view.values(nat[rows]) for view, rows in self.residual)
 
@@ -192,31 +227,34 @@ class MMESolver(Solver):
         floor = 1e-120 * float(r.mean())
         lams = [_root(t.block._evaluate(nat[t.offset:t.offset + t.num_params]), floor)
                 for t in self.terms]
-        Kd, Kb, Kc = self._cross_products(1 / r)
+        Kd, Kb, Kc, c = self._cross_products(1 / r)
         L0 = lams[0]
-        D = L0.T @ Kd @ L0 + torch.eye(L0.shape[0], dtype=r.dtype, device=r.device)
-        B = [L0.T @ b @ L for b, L in zip(Kb, lams[1:])]
-        C = _lam_t_rows_cols(lams[1:], self.terms[1:], Kc)
+        D = c * (L0.T @ Kd @ L0) + torch.eye(L0.shape[0], dtype=r.dtype, device=r.device)
+        B = [c * (L0.T @ b @ L) for b, L in zip(Kb, lams[1:])]
+        C = _lam_t_rows_cols(lams[1:], self.terms[1:], Kc).mul_(c)    # the one s x s copy
         C.diagonal().add_(1.0)
-        return MMEFactor(r, self.terms, lams, MixedModelFactor(self.pattern, D, B, C))
+        return MMEFactor(r, self.terms, lams, MixedModelFactor(self.pattern, D, B, C),
+                         self._data_sums)
 
     def natural_gradient(self, nat, state: GLSState):
         f, Py, p = state.factor, state.Py, self.pattern
         w = 1 / f.r
-        Kd, Kb, Kc = self._cross_products(w)
+        Kd, Kb, Kc, c = self._cross_products(w)
         Sd, Sb, Sinv = f.M.selected_inverse()
         lams, rest = f.lams, self.terms[1:]
         L0 = lams[0]
-        # H_t = Σ_j [K Λ M⁻¹]_jj
+        # H_t = Σ_j [K Λ M⁻¹]_jj, K = c (Kd, Kb, Kc)
         H = [(Kd @ L0 @ Sd).sum(0)]
         H[0] = H[0] + sum(((b @ L) @ s.transpose(1, 2)).sum(0)
                           for b, L, s in zip(Kb, lams[1:], Sb))
-        KL = _lam_cols(lams[1:], rest, Kc)                  # K_rest Λ_rest
+        KL = _lam_cols(lams[1:], rest, Kc)                  # K_rest Λ_rest / c
         for t, off, L, b, s in zip(rest, p.offsets, lams[1:], Kb, Sb):
             q = t.m * t.k
             dense = (KL[off:off + q].reshape(t.m, t.k, -1)
                      @ Sinv[:, off:off + q].T.reshape(t.m, t.k, -1).transpose(1, 2)).sum(0)
             H.append((b.transpose(1, 2) @ L0 @ s).sum(0) + dense)
+        del KL
+        H = [c * h for h in H]
         W = f.unwhiten(state.low_rank_x()) if state.method == "reml" else None
         quad = self._row_quadratic(f, Sd, Sb, Sinv)
         d = w - w * w * quad - Py ** 2
@@ -277,7 +315,10 @@ def _lam_cols(lams, terms, K):
     off = 0
     for t, L in zip(terms, lams):
         q = t.m * t.k
-        out[:, off:off + q] = _lam_t(L, K[:, off:off + q].T).T
+        if t.k == 1:
+            out[:, off:off + q] *= L[0, 0]
+        else:
+            out[:, off:off + q] = _lam_t(L, K[:, off:off + q].T).T
         off += q
     return out
 
@@ -288,6 +329,9 @@ def _lam_t_rows_cols(lams, terms, K):
     off = 0
     for t, L in zip(terms, lams):
         q = t.m * t.k
-        KL[off:off + q] = _lam_t(L, KL[off:off + q])
+        if t.k == 1:
+            KL[off:off + q] *= L[0, 0]
+        else:
+            KL[off:off + q] = _lam_t(L, KL[off:off + q])
         off += q
     return KL
