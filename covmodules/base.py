@@ -127,6 +127,16 @@ class CovarianceModule(ParameterRegistry, nn.Module, abc.ABC):
         with square factors for every parameter value (``None`` by default)."""
         return None
 
+    def block_diagonal_view(self):
+        """A :class:`~covmodules.capabilities.BlockDiagonalView` when the matrix is block
+        diagonal with square blocks (``None`` by default)."""
+        return None
+
+    def low_rank_diagonal_view(self):
+        """A :class:`~covmodules.capabilities.LowRankDiagonalView` when the matrix is
+        ``Λ Λᵀ + diag(ψ)`` for every parameter value (``None`` by default)."""
+        return None
+
     def sign_reflections(self) -> dict[int, list[int]]:
         """Parameters whose sign may flip without changing the matrix: ``{i: [j, ...]}`` says
         that negating parameter ``i`` and the parameters ``j`` together leaves ``V`` unchanged

@@ -172,6 +172,31 @@ def _scalar_intercept(name="scalar_intercept", design=None):
                      factors={"g": L}, terms={"g": ("g", 1)})
 
 
+def _environments():
+    """Genotype x environment effects ``I_L ⊗ Σ`` (``Σ`` unstructured over 3 environments),
+    2 replicates of every genotype in every environment: the ``met`` solver's environment term
+    (split into one block per environment when the rows are grouped by environment, one block
+    when a permutation interleaves them)."""
+    L, E, reps = 20, 3, 2
+
+    def rows():
+        e = torch.arange(E).repeat_interleave(L * reps)
+        g = torch.arange(L).repeat_interleave(reps).repeat(E)
+        return {"g": g, "e": e, "x": torch.randn(e.numel(), generator=gen(21), dtype=DTYPE)}
+
+    def build(r, y, solver):
+        Z = block_z(r["g"], one_hot(r["e"], E), L)
+        G = KroneckerProduct(genotypes=IdentityMatrix(L), env=UnconstrainedMatrix(E))
+        model = MixedModel(random={"gxe": (Z, G)}, residual=ScalarMatrix(r["g"].numel()))
+        return model, y, design_x(r["x"])
+
+    truth = {"gxe/env/L[0,0]": 1.0, "gxe/env/L[1,0]": 0.5, "gxe/env/L[1,1]": 0.8,
+             "gxe/env/L[2,0]": 0.3, "gxe/env/L[2,1]": 0.2, "gxe/env/L[2,2]": 0.7,
+             "residual/sigma^2": 0.4}
+    return ModelSpec("environments_us", ("dense", "woodbury", "mme", "met"), rows, build,
+                     truth, beta=(1.0, 0.5), factors={"g": L}, terms={"gxe": ("g", E)})
+
+
 def _known_relationship(levels: int) -> torch.Tensor:
     i = torch.arange(levels, dtype=DTYPE)
     return 0.5 ** (i[:, None] - i[None, :]).abs() + 0.1 * torch.eye(levels, dtype=DTYPE)
@@ -261,7 +286,7 @@ def _kronecker(name, operands, truth, m, k, seed):
 
 #: seeds of the simulated errors, chosen so that AI-REML and L-BFGS agree on an interior
 #: optimum near the truth (every estimate within 2 standard errors, no parameter near 0)
-NOISE_SEEDS = {"crossed_intercepts": 1, "grouped_diagonal_intercept": 2,
+NOISE_SEEDS = {"crossed_intercepts": 1, "environments_us": 1, "grouped_diagonal_intercept": 2,
                "grouped_factor_analytic": 1, "kron_ar1_equicorrelation": 2,
                "kron_unstructured_ar1": 17}
 
@@ -292,6 +317,7 @@ def _catalogue() -> list[ModelSpec]:
         _scalar_intercept("dummy_intercept", lambda codes, L: DummyMatrix(codes)),
         _known(),
         _crossed(),
+        _environments(),
         _grouped_residual("grouped_ar1", lambda: AR1Matrix(6),
                           {"residual/time/sigma^2": 1.0, "residual/time/rho": 0.6},
                           subjects=14, times=6, seed=4),
