@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from .param import NameDict, ParamSpecs
 from .params import ROLE_SCALE_POWER, ParameterRegistry, ParamSpec, ParamTable, default_role
 from .transforms import Transform
 
@@ -58,10 +59,16 @@ class CovarianceModule(ParameterRegistry, nn.Module, abc.ABC):
     parameter registry (names, values, ``fix`` / ``free``) is
     :class:`~covmodules.params.ParameterRegistry`."""
 
+    #: torch-openreml's switches: :meth:`grad` uses the closed form (``"default"``,
+    #: ``"manual"``) or :meth:`auto_grad` (``"auto"``), which differentiates by
+    #: ``torch.func.jacfwd`` / ``jacrev`` or ``torch.autograd.functional.jacobian``.
+    grad_mode = "default"
+    jacobian_method = "jacfwd"
+    jacobian_chunk_size: int | None = None
+
     # ----------------------------------------------------------------- subclass interface
-    @property
     @abc.abstractmethod
-    def param_specs(self) -> list[ParamSpec]:
+    def _spec_list(self) -> list[ParamSpec]:
         """Specs of all parameters, in flat order, with hierarchical names."""
 
     @abc.abstractmethod
@@ -120,6 +127,16 @@ class CovarianceModule(ParameterRegistry, nn.Module, abc.ABC):
         with square factors for every parameter value (``None`` by default)."""
         return None
 
+    def block_diagonal_view(self):
+        """A :class:`~covmodules.capabilities.BlockDiagonalView` when the matrix is block
+        diagonal with square blocks (``None`` by default)."""
+        return None
+
+    def low_rank_diagonal_view(self):
+        """A :class:`~covmodules.capabilities.LowRankDiagonalView` when the matrix is
+        ``Λ Λᵀ + diag(ψ)`` for every parameter value (``None`` by default)."""
+        return None
+
     def sign_reflections(self) -> dict[int, list[int]]:
         """Parameters whose sign may flip without changing the matrix: ``{i: [j, ...]}`` says
         that negating parameter ``i`` and the parameters ``j`` together leaves ``V`` unchanged
@@ -173,14 +190,46 @@ class CovarianceModule(ParameterRegistry, nn.Module, abc.ABC):
         return self._check_free(free_params)
 
     # --------------------------------------------------------------------- public API
-    def build_params(self, free_params=None, include_fixed: bool = True) -> torch.Tensor:
-        """Natural-scale parameters at ``free_params`` (registered values when omitted).
+    @property
+    def param_specs(self) -> ParamSpecs:
+        """The :class:`ParamSpec` of every parameter in flat order; also torch-openreml's
+        mapping ``{name: {"fixed", "default", "trans"}}`` (see :mod:`covmodules.param`)."""
+        return ParamSpecs(self, self._param_table().specs)
 
-        With ``include_fixed`` all parameters in flat order, otherwise the free ones only.
+    def build_params(self, free_params=None, include_fixed: bool = True, trans: bool = True,
+                     out_format: str = "tensor"):
+        """Parameters at ``free_params`` (registered values when omitted): on the natural
+        scale (``trans=False``: the free scale), all in flat order or (``include_fixed=False``)
+        the free ones; a tensor or (``out_format="dict"``) ``{name: tensor of shape (1,)}``
+        (a :class:`~covmodules.param.NameDict`: aliases find entries too).
+
+        Example::
+
+            >>> import torch
+            >>> from covmodules import DiagonalMatrix
+            >>> DiagonalMatrix(2).build_params(torch.tensor([0.0, 0.5]), out_format="dict")
+            {'sigma^2[0]': tensor([1.]), 'sigma^2[1]': tensor([2.7183])}
         """
+        if out_format not in ("tensor", "dict"):
+            raise ValueError(f"out_format must be 'tensor' or 'dict', got {out_format!r}")
+        table = self._param_table()
         free = self._resolve_free(free_params)
-        nat = self._natural(self._full_raw(free))
-        return nat if include_fixed else nat[self._param_table().free_index]
+        values = self._full_raw(free)
+        values = self._natural(values) if trans else values
+        if not include_fixed:
+            values = values[table.free_index]
+        if out_format == "tensor":
+            return values
+        names = table.names if include_fixed else table.free_names
+        aliases = {a: table.names[i] for a, i in table.lookup.items()}
+        return NameDict({name: v.reshape(1) for name, v in zip(names, values)}, aliases)
+
+    def get_default_dtype_device(self) -> tuple[torch.device, torch.dtype]:
+        """``(device, dtype)`` of the parameters (of the buffers, or torch's defaults, without
+        any), in torch-openreml's order."""
+        if self.num_params == 0 and next(self.buffers(), None) is None:
+            return torch.get_default_device(), torch.get_default_dtype()
+        return self._device(), self._dtype()
 
     def forward(self, free_params=None) -> torch.Tensor:
         """The matrix at the registered parameters, or at the given free-scale values.
@@ -232,7 +281,9 @@ class CovarianceModule(ParameterRegistry, nn.Module, abc.ABC):
         return J, self.free_param_names
 
     def auto_grad(self, free_params=None):
-        """The same Jacobian as :meth:`manual_grad`, by automatic differentiation."""
+        """The same Jacobian as :meth:`manual_grad`, by automatic differentiation with
+        :attr:`jacobian_method` (``"jacfwd"``, ``"jacrev"`` or ``"jacobian"``)."""
+        check_jacobian_method(self.jacobian_method)
         if self.num_free_params == 0:
             return None, []
         free = self._resolve_free(free_params).detach()
@@ -240,12 +291,18 @@ class CovarianceModule(ParameterRegistry, nn.Module, abc.ABC):
         def build(f):
             return self._evaluate(self._natural(self._full_raw(f)))
 
-        J = torch.autograd.functional.jacobian(build, free, vectorize=True)
+        J = jacobian(build, free, self.jacobian_method, self.jacobian_chunk_size)
         return J.movedim(-1, 0), self.free_param_names
 
     def grad(self, free_params=None):
-        """The Jacobian, in closed form (see :meth:`manual_grad`)."""
-        return self.manual_grad(free_params)
+        """The Jacobian by :attr:`grad_mode`: closed form (``"default"``, ``"manual"``; see
+        :meth:`manual_grad`) or automatic (``"auto"``; see :meth:`auto_grad`)."""
+        if self.grad_mode in ("default", "manual"):
+            return self.manual_grad(free_params)
+        if self.grad_mode == "auto":
+            return self.auto_grad(free_params)
+        raise RuntimeError(f"unknown grad_mode {self.grad_mode!r}; expected 'default', "
+                           "'manual' or 'auto'")
 
     def dV(self, w: torch.Tensor, free_params=None) -> torch.Tensor:
         """Structured products ``[dV/dθ_k @ w]_k`` over the free parameters.
@@ -278,9 +335,10 @@ class CovarianceModule(ParameterRegistry, nn.Module, abc.ABC):
     def get_intermediates(self, params: torch.Tensor):
         """Cached intermediates for ``params`` if still valid, else ``None``.
 
-        Nothing is cached or returned for parameters that carry a graph (autograd paths).
+        Nothing is cached or returned for parameters that carry a graph (autograd paths) or
+        are traced by ``torch.func``.
         """
-        if params.requires_grad:
+        if not _cacheable(params):
             return None
         cache = self.__dict__.get("_intermediates")
         if cache is not None and cache[0] == _fingerprint(params):
@@ -289,7 +347,7 @@ class CovarianceModule(ParameterRegistry, nn.Module, abc.ABC):
 
     def set_intermediates(self, params: torch.Tensor, intermediates) -> None:
         """Cache ``intermediates`` computed at ``params``."""
-        if not params.requires_grad:
+        if _cacheable(params):
             self.__dict__["_intermediates"] = (_fingerprint(params), intermediates)
 
     def reset_intermediates(self) -> None:
@@ -313,6 +371,32 @@ def _by_transform(x: torch.Tensor, transforms: list[Transform], method: str) -> 
     return out
 
 
+JACOBIAN_METHODS = ("jacfwd", "jacrev", "jacobian")
+
+
+def check_jacobian_method(method) -> None:
+    if method not in JACOBIAN_METHODS:
+        raise ValueError(f"jacobian_method must be 'jacfwd', 'jacrev' or 'jacobian', "
+                         f"got {method!r}")
+
+
+def jacobian(fn, x: torch.Tensor, method: str, chunk_size: int | None = None) -> torch.Tensor:
+    """``d fn(x) / dx`` (shape ``(*out, *x.shape)``) by ``torch.func.jacfwd`` / ``jacrev`` or
+    ``torch.autograd.functional.jacobian`` (``method``)."""
+    check_jacobian_method(method)
+    if method == "jacfwd":
+        return torch.func.jacfwd(fn)(x)
+    if method == "jacrev":
+        return torch.func.jacrev(fn, chunk_size=chunk_size)(x)
+    return torch.autograd.functional.jacobian(fn, x, vectorize=True)
+
+
+def _cacheable(params: torch.Tensor) -> bool:
+    """Whether ``params`` is a plain tensor without a graph (not a ``torch.func`` wrapper)."""
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor(params)
+    return not params.requires_grad and not wrapped
+
+
 def _fingerprint(params: torch.Tensor):
     data = params.detach().cpu().contiguous().numpy().tobytes()
     return (params.dtype, params.device, hashlib.blake2b(data, digest_size=16).digest())
@@ -331,17 +415,17 @@ class Structure(CovarianceModule):
         self._specs: list[ParamSpec] = []
 
     def add_param(self, name: str, default: float, transform: Transform,
-                  role: str | None = None) -> None:
+                  role: str | None = None, alias: str | None = None) -> None:
         """Register a free scalar parameter on the free scale at ``default`` (``role``: see
-        :class:`ParamSpec`; inferred from the transform when omitted)."""
-        spec = ParamSpec(name, float(default), transform, role=role)
+        :class:`ParamSpec`; inferred from the transform when omitted; ``alias``: a second
+        accepted spelling of the name)."""
+        spec = ParamSpec(name, float(default), transform, role=role, alias=alias)
         self.register_parameter(name, nn.Parameter(torch.tensor(float(default),
                                                                 dtype=torch.float64)))
         self._specs.append(spec)
         ParamTable.specs_changed()
 
-    @property
-    def param_specs(self) -> list[ParamSpec]:
+    def _spec_list(self) -> list[ParamSpec]:
         return list(self._specs)
 
     def _raw_tensors(self) -> list[torch.Tensor]:

@@ -23,7 +23,8 @@ from typing import Callable
 
 import torch
 
-__all__ = ["DiagonalView", "RepeatedBlock", "KroneckerView", "is_identity"]
+__all__ = ["DiagonalView", "RepeatedBlock", "KroneckerView", "BlockDiagonalView",
+           "LowRankDiagonalView", "is_identity"]
 
 
 @dataclass(frozen=True)
@@ -58,21 +59,39 @@ class RepeatedBlock:
 
 @dataclass(frozen=True)
 class KroneckerView:
-    r"""``V = A ⊗ B + s I`` with square ``A`` (``m x m``) and ``B`` (``n x n``); ``s = 0``
-    without a nugget.
+    r"""``V = A_1 ⊗ ... ⊗ A_d + s I`` with square factors ``A_i`` (``n_i x n_i``, ``d >= 2``
+    for a product, ``d = 1`` for a factor on its own); ``s = 0`` without a nugget.
 
     Args:
-        sizes: ``(m, n)``.
-        values: ``nat`` → ``(A, B, s)``.
-        vjp: ``(nat, Ā, B̄, t)`` → ``[⟨Ā, ∂A/∂θ_k⟩ + ⟨B̄, ∂B/∂θ_k⟩ + t ∂s/∂θ_k]_k`` over all
-            parameters. For a cotangent ``Ḡ`` of ``V``, ``Ā = Σ_{jl} Ḡ_{(i,j),(k,l)} B_{jl}``
-            and ``B̄`` alike (what :class:`~covmodules.KroneckerProduct` hands its operands) and
-            ``t = tr Ḡ``.
+        sizes: ``(n_1, ..., n_d)``.
+        values: ``nat`` → ``((A_1, ..., A_d), s)``.
+        vjp: ``(nat, (Ā_1, ..., Ā_d), t)`` → ``[Σ_i ⟨Ā_i, ∂A_i/∂θ_k⟩ + t ∂s/∂θ_k]_k`` over all
+            parameters. For a cotangent ``Ḡ`` of ``V``, ``Ā_i`` is ``Ḡ`` contracted with every
+            other factor over its axes (what :class:`~covmodules.KroneckerProduct` hands its
+            operands) and ``t = tr Ḡ``.
+        nugget: whether ``s`` can be nonzero (a product nested in a larger product must
+            have none).
     """
 
-    sizes: tuple[int, int]
+    sizes: tuple[int, ...]
     values: Callable[[torch.Tensor], tuple]
     vjp: Callable[..., torch.Tensor]
+    nugget: bool = False
+
+
+@dataclass(frozen=True)
+class BlockDiagonalView:
+    """``V = diag(V_1, ..., V_k)`` with square blocks: ``blocks[b] = (module, rows, params)``,
+    block ``b``'s covariance module, its row slice of ``V`` and its slice of ``nat``."""
+
+    blocks: tuple
+
+
+@dataclass(frozen=True)
+class LowRankDiagonalView:
+    """``V = Λ Λᵀ + diag(ψ)`` (``Λ`` ``n x k``, ``ψ >= 0``): ``values(nat) → (Λ, ψ)``."""
+
+    values: Callable[[torch.Tensor], tuple]
 
 
 def is_identity(module) -> bool:

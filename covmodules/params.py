@@ -29,8 +29,9 @@ ROLE_SCALE_POWER = {"variance": 2, "sd": 1, "loading": 1, "correlation": 0, "fre
 
 @dataclass(frozen=True)
 class ParamSpec:
-    """One scalar parameter: its name, free-scale default, constraint transform, fixed flag and
-    role.
+    """One scalar parameter: its name, free-scale default, constraint transform, fixed flag,
+    role and optional ``alias`` (a second spelling accepted wherever a name is: torch-openreml's
+    ``sigma^2_0`` for ``sigma^2[0]``).
 
     The role says what the natural value means: ``"variance"`` (positive, boundary at 0),
     ``"sd"`` (a positive standard-deviation-like value, boundary at 0), ``"correlation"``
@@ -43,6 +44,7 @@ class ParamSpec:
     transform: Transform
     fixed: bool = False
     role: str | None = None
+    alias: str | None = None
 
     def __post_init__(self):
         role = default_role(self.transform) if self.role is None else self.role
@@ -79,6 +81,8 @@ class ParamTable:
         self.specs = tuple(specs)
         self.names = [s.name for s in self.specs]
         self.position = {name: i for i, name in enumerate(self.names)}
+        aliases = {s.alias: i for i, s in enumerate(self.specs) if s.alias is not None}
+        self.lookup = {**aliases, **self.position}         # a name wins over an alias
         self.free_index = [i for i, s in enumerate(self.specs) if not s.fixed]
         self.fixed_index = [i for i, s in enumerate(self.specs) if s.fixed]
         self.free_names = [self.names[i] for i in self.free_index]
@@ -105,8 +109,8 @@ class ParamTable:
 class ParameterRegistry:
     """The parameter registry of a :class:`~covmodules.base.CovarianceModule`: the all / free /
     fixed views of its :class:`ParamTable`, natural-scale values by name, ``fix`` / ``free``
-    and the registered free vector. Reads the module's ``param_specs``, ``_raw_tensors()`` and
-    ``_set_fixed``."""
+    and the registered free vector. Reads the module's ``_spec_list()``, ``_raw_tensors()`` and
+    ``_set_fixed``. Wherever a name is accepted, a parameter's alias is too."""
 
     # Every view reads one cached ParamTable; what they return are copies, so a caller cannot
     # change the table.
@@ -114,7 +118,7 @@ class ParameterRegistry:
         """This module's :class:`ParamTable`, rebuilt once stale."""
         table = self.__dict__.get("_param_table_cache")
         if table is None or not table.current:
-            table = self.__dict__["_param_table_cache"] = ParamTable(self.param_specs)
+            table = self.__dict__["_param_table_cache"] = ParamTable(self._spec_list())
         return table
 
     def add_module(self, name: str, module) -> None:
@@ -251,11 +255,13 @@ class ParameterRegistry:
         return self._param_table().position[self._check_name(name)]
 
     def _check_name(self, name: str) -> str:
+        """The parameter's name, given its name or its alias."""
         if not isinstance(name, str):
             raise TypeError(f"parameter name must be a str, got {type(name).__name__}")
-        if name not in self._param_table().position:
+        table = self._param_table()
+        if name not in table.lookup:
             raise ValueError(f"unknown parameter {name!r}; valid names: {self.param_names}")
-        return name
+        return table.names[table.lookup[name]]
 
     def _registered_free(self) -> torch.Tensor:
         raws = self._raw_tensors()
@@ -273,15 +279,21 @@ class ParameterRegistry:
         return raws[0].device if raws else _buffer_device(self)
 
     def _check_free(self, free_params) -> torch.Tensor:
-        names = self._param_table().free_names
+        table = self._param_table()
+        names = table.free_names
         if isinstance(free_params, dict):
-            unknown = [k for k in free_params if k not in names]
-            missing = [k for k in names if k not in free_params]
+            by_name = {table.names[table.lookup[k]] if k in table.lookup else k: v
+                       for k, v in free_params.items()}
+            if len(by_name) != len(free_params):
+                raise ValueError("free_params dict names a parameter twice (by its name and "
+                                 f"its alias): {list(free_params)}")
+            unknown = [k for k in by_name if k not in names]
+            missing = [k for k in names if k not in by_name]
             if unknown or missing:
                 raise ValueError(
                     f"free_params dict: unknown names {unknown}, missing names {missing}; "
                     f"valid free parameter names: {names}")
-            values = [torch.as_tensor(free_params[k]) for k in names]
+            values = [torch.as_tensor(by_name[k]) for k in names]
             if any(v.numel() != 1 for v in values):
                 raise ValueError("free_params dict values must be scalars")
             dtype = values[0].dtype if values and values[0].is_floating_point() else self._dtype()

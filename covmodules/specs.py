@@ -345,8 +345,8 @@ class ModelSpec:
         k, levels = rd.num_terms, IdentityMatrix(rd.num_levels)
         if k == 1:
             return rd, ScalarMatrix(rd.num_levels)
-        leaf = (Gram(loadings=LowerTriangularMatrix(k, min(r.rank, k))) if r.structure == "rr"
-                else _LEAVES[r.structure](k))
+        leaf = (Gram(loadings=LowerTriangularMatrix(k, min(r.rank, k), order="col"),
+                     gram_type="xxt") if r.structure == "rr" else _LEAVES[r.structure](k))
         return rd, KroneckerProduct(levels=levels, terms=leaf)
 
     def time_axis(self, frame: pd.DataFrame) -> TimeAxis | None:

@@ -3,6 +3,9 @@
 A transform maps a free value ``x`` (any real number) to a natural value ``y = forward(x)``
 (a variance, a correlation, ...). Each has ``forward``, ``inverse`` and the element-wise
 ``derivative`` ``dy/dx`` evaluated at ``x``. All work element-wise on tensors of any shape.
+torch-openreml's names work too: ``grad`` is ``derivative``, ``domain`` / ``codomain`` describe
+the two scales, and ``TransformExp``, ``TransformChain([...])``, ``TransformPow(factor=2.0)``, ...
+are the classes below (the upstream module path ``covmodules.transform`` has them as well).
 
 Example::
 
@@ -20,12 +23,21 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Transform", "Identity", "Exp", "ExpPow2", "Softplus", "Sigmoid", "ScaleShift",
-           "Pow", "Chain", "correlation"]
+#: torch-openreml's transform names, defined at the end of this module.
+UPSTREAM_NAMES = ["TransformIdentity", "TransformExp", "TransformExp2", "TransformExp10",
+                  "TransformExpPow2", "TransformSigmoid", "TransformScaleShift", "TransformPow",
+                  "TransformChain"]
+
+__all__ = ["Transform", "Identity", "Exp", "Exp2", "Exp10", "ExpPow2", "Softplus", "Sigmoid",
+           "ScaleShift", "Pow", "Chain", "correlation", *UPSTREAM_NAMES]
 
 
 class Transform(abc.ABC):
-    """Base class: subclasses implement ``forward``, ``inverse`` and ``derivative``."""
+    """Base class: subclasses implement ``forward``, ``inverse`` and ``derivative``;
+    ``domain`` and ``codomain`` name the free and the natural scale."""
+
+    domain = "ℝ"
+    codomain = "ℝ"
 
     @abc.abstractmethod
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -42,8 +54,15 @@ class Transform(abc.ABC):
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward(x)
 
+    def grad(self, x: torch.Tensor) -> torch.Tensor:
+        """torch-openreml's name for :meth:`derivative`."""
+        return self.derivative(x)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+    def __str__(self) -> str:
+        return f"{type(self).__name__}: {self.domain} ↦ {self.codomain}"
 
     def __eq__(self, other) -> bool:
         return type(self) is type(other) and self.__dict__ == other.__dict__
@@ -68,6 +87,8 @@ class Identity(Transform):
 class Exp(Transform):
     """``y = exp(x)``, ``y > 0``."""
 
+    codomain = "ℝ⁺"
+
     def forward(self, x):
         return torch.exp(x)
 
@@ -78,8 +99,40 @@ class Exp(Transform):
         return torch.exp(x)
 
 
+class Exp2(Transform):
+    """``y = 2 ** x``, ``y > 0``."""
+
+    codomain = "ℝ⁺"
+
+    def forward(self, x):
+        return torch.exp2(x)
+
+    def inverse(self, y):
+        return torch.log2(y)
+
+    def derivative(self, x):
+        return torch.exp2(x) * math.log(2.0)
+
+
+class Exp10(Transform):
+    """``y = 10 ** x``, ``y > 0``."""
+
+    codomain = "ℝ⁺"
+
+    def forward(self, x):
+        return torch.pow(10.0, x)
+
+    def inverse(self, y):
+        return torch.log10(y)
+
+    def derivative(self, x):
+        return torch.pow(10.0, x) * math.log(10.0)
+
+
 class ExpPow2(Transform):
     """``y = exp(2 x)``: a variance whose square root is ``exp(x)``."""
+
+    codomain = "ℝ⁺"
 
     def forward(self, x):
         return torch.exp(2 * x)
@@ -94,6 +147,8 @@ class ExpPow2(Transform):
 class Softplus(Transform):
     """``y = log(1 + exp(x))``, ``y > 0``."""
 
+    codomain = "ℝ⁺"
+
     def forward(self, x):
         return F.softplus(x)
 
@@ -106,6 +161,8 @@ class Softplus(Transform):
 
 class Sigmoid(Transform):
     """``y = 1 / (1 + exp(-x))``, ``0 < y < 1``."""
+
+    codomain = "(0, 1)"
 
     def forward(self, x):
         return torch.sigmoid(x)
@@ -163,12 +220,28 @@ class Pow(Transform):
 
 
 class Chain(Transform):
-    """Composition applied left to right: ``Chain(f, g)(x) = g(f(x))``."""
+    """Composition applied left to right: ``Chain(f, g)(x) = g(f(x))``; ``Chain([f, g])``
+    (torch-openreml's ``TransformChain`` form) is the same."""
 
     def __init__(self, *transforms: Transform):
+        if len(transforms) == 1 and isinstance(transforms[0], (list, tuple)):
+            transforms = tuple(transforms[0])
         if not transforms or not all(isinstance(t, Transform) for t in transforms):
             raise TypeError("Chain needs one or more Transform instances")
         self.transforms = tuple(transforms)
+
+    @property
+    def chain(self) -> list[Transform]:
+        """The transforms in order (torch-openreml's attribute)."""
+        return list(self.transforms)
+
+    @property
+    def domain(self):
+        return self.transforms[0].domain
+
+    @property
+    def codomain(self):
+        return self.transforms[-1].codomain
 
     def forward(self, x):
         for t in self.transforms:
@@ -199,3 +272,19 @@ def correlation(lower: float = -1.0) -> Chain:
     if not -1.0 <= lower < 1.0:
         raise ValueError(f"correlation needs a lower bound -1 <= lower < 1, got lower={lower}")
     return Chain(Sigmoid(), ScaleShift(1.0 - lower, lower))
+
+
+class TransformPow(Pow):
+    """torch-openreml's ``TransformPow(factor=2.0)``: :class:`Pow` with ``p = factor``."""
+
+    def __init__(self, factor: float = 2.0):
+        super().__init__(factor)
+
+    @property
+    def factor(self) -> float:
+        return self.p
+
+
+TransformIdentity, TransformExp, TransformExp2, TransformExp10 = Identity, Exp, Exp2, Exp10
+TransformExpPow2, TransformSigmoid, TransformScaleShift = ExpPow2, Sigmoid, ScaleShift
+TransformChain = Chain

@@ -14,14 +14,21 @@ fits under 2 GB; i <= lme4; ii <= nlme; 100,000 subjects x 10 < 60 s.
 Torch runs single-threaded by default (``--threads``), like R's reference BLAS and robust on a
 shared 2-core machine. ``--quick`` leaves out the two largest cases.
 
-Run: ``.venv/bin/python scripts/bench.py [--threads 1] [--quick] [--oracle DIR]`` (``DIR``: a
-folder with ``data/sim_*.csv`` and the reference JSON, by default this repository; the shared
-oracle folder has the same layout).
+Issue 16 adds the 1000 x 1000 field (target: fit < 10 s, < 2 GB) and the simulated
+20-trial multi-environment fit (its recovery of the simulated Σ and correlations in the
+table), and ``--loss``: the Kronecker ML loss + gradient alone at 100², 300² and 1000².
+Crossed random effects at scale (InstEval, 200,000 rows, 1,000,000 rows, beside mixedlm and
+lme4) are timed by ``scripts/bench_crossed.py``; ``--crossed`` runs it (its ``--quick`` set).
+
+Run: ``.venv/bin/python scripts/bench.py [--threads 1] [--quick] [--loss] [--crossed]
+[--oracle DIR]`` (``DIR``: a folder with ``data/sim_*.csv`` and the reference JSON, by
+default this repository; the shared oracle folder has the same layout).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import resource
 import shutil
@@ -46,6 +53,9 @@ CASES = {
              ["iv_a_nlme_gls_ar1xar1_kronecker"], ("kronecker", 0.5)),
     "field100": ("simulated 100x100 field, p = 224", ["kronecker"], [], ("kronecker", 5.0)),
     "field300": ("simulated 300x300 field, p = 135", ["kronecker"], [], ("memory", 2048)),
+    "field1000": ("simulated 1000x1000 field, y ~ 1", ["kronecker"], [], ("kronecker", 10.0)),
+    "met20": ("20 trials of 30x40, 300 genotypes, FA(2) + AR1⊗AR1 + nugget each", ["met"], [],
+              None),
     "i": ("sim_ris_2000x10: random intercept + slope", ["grouped"],
           ["i_lme4_ris_2000x10", "i_b_nlme_lme_ris_2000x10"], ("grouped", "R")),
     "i_200": ("sim_ris, first 200 subjects", ["dense", "grouped", "woodbury"], [], None),
@@ -54,7 +64,7 @@ CASES = {
     "ii_200": ("sim_ar1, first 200 subjects", ["dense", "grouped"], [], None),
     "big": ("100,000 subjects x 10: AR1 + random intercept", ["grouped"], [], ("grouped", 60.0)),
 }
-LARGE = {"field300", "big"}
+LARGE = {"field300", "field1000", "met20", "big"}
 
 
 # --------------------------------------------------------------------------- models and data
@@ -158,10 +168,31 @@ def big_grouped(oracle, S=100_000, T=10, seed=5):
     return model, y, X
 
 
+def met20(oracle, E=20, shape=(30, 40), genotypes=300):
+    """The simulated multi-environment trial; ``check`` compares the fit with the truth."""
+    from covmodules.trials import multi_environment, simulate_trials
+
+    df, truth = simulate_trials([shape] * E, genotypes, k=2, seed=1)
+    trial = multi_environment(df, sigma="fa", k=2)
+
+    def check(result):
+        with torch.no_grad():
+            S = result.model._modules["gxe"].operand_modules[1]()
+        rho = torch.tensor([[result.params[f"residual/env{e}/field/{a}/rho"] for e in range(E)]
+                            for a in ("row", "col")])
+        true_rho = torch.stack([truth["rho_row"], truth["rho_col"]])
+        sd = truth["Sigma"].diagonal().sqrt()
+        return (f"Σ: max |err| / sd_i sd_j {float(((S - truth['Sigma']) / torch.outer(sd, sd)).abs().max()):.2f}; "
+                f"ρ: mean |err| {float((rho - true_rho).abs().mean()):.3f}")
+    return (lambda: multi_environment(df, sigma="fa", k=2).model), trial.y, trial.X, check
+
+
 BUILDERS = {
     "iv_a": field_40x40,
     "field100": lambda oracle: simulated_field(100, 25, 200),
     "field300": lambda oracle: simulated_field(300, 36, 100),
+    "field1000": lambda oracle: simulated_field(1000, 1, 1),
+    "met20": met20,
     "i": random_slopes,
     "i_200": lambda oracle: random_slopes(oracle, 200),
     "ii": ar1_within,
@@ -178,7 +209,7 @@ def worker(case, solver, oracle):
 
     warnings.simplefilter("ignore")
     start = time.perf_counter()
-    factory, y, X = BUILDERS[case](oracle)
+    factory, y, X, *check = BUILDERS[case](oracle)
     model = factory()
     setup = time.perf_counter() - start
     times, result = [], None
@@ -193,7 +224,7 @@ def worker(case, solver, oracle):
     print(json.dumps({"case": case, "solver": result.solver, "n": result.n, "setup": setup,
                       "time": statistics.median(times), "iterations": result.iterations,
                       "converged": result.converged, "loglik": result.loglik,
-                      "peak_mb": peak}))
+                      "peak_mb": peak, "check": check[0](result) if check else ""}))
 
 
 def run_worker(case, solver, args):
@@ -233,17 +264,57 @@ def r_live(reference, oracle):
     return float(seconds), float(loglik)
 
 
+# ------------------------------------------------------------------- loss + gradient alone
+def loss_gradient(sizes=(100, 300, 1000), repeats=5):
+    """Seconds of one ML loss + gradient of ``AR1 ⊗ AR1 + σ² I``, ``y ~ 1`` (median of
+    ``repeats``; each evaluation at a new correlation, so the eigenvectors are recomputed
+    rather than reused), covmodules and, when installed, GPyTorch's exact Kronecker path."""
+    from covmodules.linalg import KroneckerSolver
+
+    gp = ("installed but not timed here" if importlib.util.find_spec("gpytorch")
+          else "not installed")
+    rows = []
+    for m in sizes:
+        factory, y, X = simulated_field(m, 1, 1)
+        model = factory()
+        solver = KroneckerSolver(model)
+        free = model.free_params().to(DTYPE)
+        k = model.free_param_names.index("field/row/rho")
+        times = []
+        for i in range(repeats + 1):
+            f = free.clone()
+            f[k] += 1e-3 * (i + 1)
+            f.requires_grad_(True)
+            start = time.perf_counter()
+            solver.loss(f, y, X, "ml").backward()
+            times.append(time.perf_counter() - start)
+        rows.append({"grid": f"{m} x {m}", "covmodules ML loss + gradient s":
+                     f"{statistics.median(times[1:]):.3f}", "GPyTorch": gp})
+    print(pd.DataFrame(rows).to_string(index=False))
+
+
 # ------------------------------------------------------------------------------------ table
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="skip the two largest cases")
     parser.add_argument("--oracle", type=Path, default=ORACLE)
+    parser.add_argument("--loss", action="store_true",
+                        help="time the Kronecker ML loss + gradient alone at 100², 300², 1000²")
+    parser.add_argument("--crossed", action="store_true",
+                        help="time crossed random effects beside mixedlm and lme4")
     parser.add_argument("--worker", nargs=2, metavar=("CASE", "SOLVER"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.worker:
         worker(*args.worker, args.oracle)
+        return
+    if args.loss:
+        loss_gradient()
+        return
+    if args.crossed:
+        subprocess.run([sys.executable, str(Path(__file__).with_name("bench_crossed.py")),
+                        "--quick"], check=True)
         return
     reference_file = next((f for f in (args.oracle / "scale_reference.json",
                                        args.oracle / "data" / "scale_reference.json")
@@ -285,7 +356,7 @@ def row(title, solver, rec, dense, refs, r_loglik, target):
         "× dense": "" if dense is None else f"{dense / rec['time']:.1f}",
         "× R": "" if r_time is None else f"{r_time / rec['time']:.1f}",
         "peak MB": f"{rec['peak_mb']:.0f}",
-        "target": verdict(target, rec, r_time),
+        "target": verdict(target, rec, r_time), "recovery": rec.get("check", ""),
     }
 
 

@@ -22,13 +22,13 @@ from typing import Callable
 
 import torch
 
-from covmodules import (AR1Matrix, BlockDesignMatrix, CAR1Matrix, CompoundSymmetricMatrix,
-                        HeterogeneousCSMatrix, HeterogeneousToeplitzMatrix,
-                        CovariancePropagation, DesignMatrix, DiagonalMatrix, EqualEntryMatrix,
-                        EquicorrelationMatrix, FactorAnalyticMatrix, Gram, Grouped,
-                        IdentityMatrix, KnownMatrix, KroneckerProduct, LowerTriangularMatrix,
-                        MixedModel, ScalarMatrix, SimpleMatrix, Sum, ToeplitzMatrix,
-                        UnconstrainedMatrix)
+from covmodules import (Adapter, AR1Matrix, BlockDesignMatrix, CAR1Matrix,
+                        CompoundSymmetricMatrix, CovariancePropagation, DesignMatrix,
+                        DiagonalMatrix, DummyMatrix, EqualEntryMatrix, EquicorrelationMatrix,
+                        FactorAnalyticMatrix, Gram, Grouped, HadamardProduct,
+                        HeterogeneousCSMatrix, HeterogeneousToeplitzMatrix, IdentityMatrix,
+                        KnownMatrix, KroneckerProduct, LowerTriangularMatrix, MixedModel,
+                        ScalarMatrix, SimpleMatrix, Sum, ToeplitzMatrix, UnconstrainedMatrix)
 from covmodules.linalg import complete_grid
 from covmodules.transforms import ExpPow2, Identity
 
@@ -36,7 +36,8 @@ DTYPE = torch.float64
 SEED = 20240611
 
 #: structures that carry no parameters (designs, constants): nothing to estimate or rescale
-PARAMETERLESS = {"IdentityMatrix", "FixedMatrix", "DesignMatrix", "BlockDesignMatrix"}
+PARAMETERLESS = {"IdentityMatrix", "FixedMatrix", "DesignMatrix", "BlockDesignMatrix",
+                 "DummyMatrix"}
 
 #: how each natural-scale parameter moves when ``y -> s y``: ``value * s ** power``. Keyed on
 #: the leaf name without its index (``sigma^2[3]`` -> ``sigma^2``); see the structures'
@@ -148,19 +149,54 @@ def _simple():
     return SimpleMatrix(_simple_fn, (2, 2), {"sigma^2": (0.0, ExpPow2()), "c": (0.0, Identity())})
 
 
-def _scalar_intercept():
+def _adapter():
+    """``σ² [[1, ρ], [ρ, 1]]`` with the equicorrelation's free value ``2 θ`` (torch-openreml's
+    Adapter; ``theta`` is unitless)."""
+    specs = {"theta": {"fixed": False, "default": torch.tensor([0.0]), "trans": Identity()}}
+    return HadamardProduct(scale=ScalarMatrix(1),
+                           corr=Adapter(EquicorrelationMatrix(2), specs, lambda t: 2 * t))
+
+
+def _scalar_intercept(name="scalar_intercept", design=None):
+    """``y ~ 1 + x + (1 | g)``; ``design(codes, L)`` makes ``Z`` (a block design by default)."""
     L, T = 12, 5
 
     def build(r, y, solver):
-        Z = block_z(r["g"], torch.ones(r["g"].numel(), 1), L)
+        Z = (block_z(r["g"], torch.ones(r["g"].numel(), 1), L) if design is None
+             else design(r["g"], L))
         model = MixedModel(random={"g": (Z, ScalarMatrix(L))},
                            residual=ScalarMatrix(r["g"].numel()))
         return model, y, design_x(r["x"])
 
-    return ModelSpec("scalar_intercept", ("dense", "grouped", "woodbury", "mme"),
+    return ModelSpec(name, ("dense", "grouped", "woodbury", "mme"),
                      lambda: longitudinal(L, T, seed=1), build,
                      {"g/sigma^2": 0.8, "residual/sigma^2": 0.5}, beta=(2.0, -1.0),
                      factors={"g": L}, terms={"g": ("g", 1)})
+
+
+def _environments():
+    """Genotype x environment effects ``I_L ⊗ Σ`` (``Σ`` unstructured over 3 environments),
+    2 replicates of every genotype in every environment: the ``met`` solver's environment term
+    (split into one block per environment when the rows are grouped by environment, one block
+    when a permutation interleaves them)."""
+    L, E, reps = 20, 3, 2
+
+    def rows():
+        e = torch.arange(E).repeat_interleave(L * reps)
+        g = torch.arange(L).repeat_interleave(reps).repeat(E)
+        return {"g": g, "e": e, "x": torch.randn(e.numel(), generator=gen(21), dtype=DTYPE)}
+
+    def build(r, y, solver):
+        Z = block_z(r["g"], one_hot(r["e"], E), L)
+        G = KroneckerProduct(genotypes=IdentityMatrix(L), env=UnconstrainedMatrix(E))
+        model = MixedModel(random={"gxe": (Z, G)}, residual=ScalarMatrix(r["g"].numel()))
+        return model, y, design_x(r["x"])
+
+    truth = {"gxe/env/L[0,0]": 1.0, "gxe/env/L[1,0]": 0.5, "gxe/env/L[1,1]": 0.8,
+             "gxe/env/L[2,0]": 0.3, "gxe/env/L[2,1]": 0.2, "gxe/env/L[2,2]": 0.7,
+             "residual/sigma^2": 0.4}
+    return ModelSpec("environments_us", ("dense", "woodbury", "mme", "met"), rows, build,
+                     truth, beta=(1.0, 0.5), factors={"g": L}, terms={"gxe": ("g", E)})
 
 
 def _known_relationship(levels: int) -> torch.Tensor:
@@ -252,7 +288,7 @@ def _kronecker(name, operands, truth, m, k, seed):
 
 #: seeds of the simulated errors, chosen so that AI-REML and L-BFGS agree on an interior
 #: optimum near the truth (every estimate within 2 standard errors, no parameter near 0)
-NOISE_SEEDS = {"crossed_intercepts": 1, "grouped_diagonal_intercept": 2,
+NOISE_SEEDS = {"crossed_intercepts": 1, "environments_us": 1, "grouped_diagonal_intercept": 2,
                "grouped_factor_analytic": 1, "kron_ar1_equicorrelation": 2,
                "kron_unstructured_ar1": 17}
 
@@ -271,13 +307,19 @@ def _catalogue() -> list[ModelSpec]:
         _slope_model("diagonal_slope", lambda: DiagonalMatrix(2),
                      {"g/cov/sigma^2[0]": 1.0, "g/cov/sigma^2[1]": 0.5,
                       "residual/sigma^2": 0.5}),
-        _slope_model("lowertri_gram_slope", lambda: Gram(L=LowerTriangularMatrix(2)),
+        _slope_model("lowertri_gram_slope",
+                     lambda: Gram(L=LowerTriangularMatrix(2, order="col"), gram_type="xxt"),
                      {"g/cov/L/L[0,0]": 1.0, "g/cov/L/L[1,0]": 0.4, "g/cov/L/L[1,1]": 0.7,
                       "residual/sigma^2": 0.5}),
         _slope_model("simple_slope", _simple,
                      {"g/cov/sigma^2": 0.8, "g/cov/c": 0.5, "residual/sigma^2": 0.5}),
+        _slope_model("adapter_slope", _adapter,
+                     {"g/cov/scale/sigma^2": 0.8, "g/cov/corr/theta": 0.2,
+                      "residual/sigma^2": 0.5}),
+        _scalar_intercept("dummy_intercept", lambda codes, L: DummyMatrix(codes)),
         _known(),
         _crossed(),
+        _environments(),
         _grouped_residual("grouped_ar1", lambda: AR1Matrix(6),
                           {"residual/time/sigma^2": 1.0, "residual/time/rho": 0.6},
                           subjects=14, times=6, seed=4),

@@ -49,6 +49,9 @@ STRUCTURES = {
     "unconstrained": lambda: UnconstrainedMatrix(3),
     "lower_triangular": lambda: LowerTriangularMatrix(3),
     "lower_trapezoidal": lambda: LowerTriangularMatrix(4, 2),
+    "lower_trapezoidal_wide": lambda: LowerTriangularMatrix(2, 3),
+    "lower_triangular_col": lambda: LowerTriangularMatrix(3, order="col"),
+    "lower_trapezoidal_col": lambda: LowerTriangularMatrix(4, 2, order="col"),
     "factor_analytic": lambda: FactorAnalyticMatrix(4, 2),
     "factor_analytic_full": lambda: FactorAnalyticMatrix(3, 3),
     "known": lambda: KnownMatrix(spd(4)),
@@ -238,14 +241,14 @@ def test_unconstrained_set_and_read_covariance():
 
 
 def test_lower_triangular_value():
-    m = LowerTriangularMatrix(3, 2)
+    m = LowerTriangularMatrix(3, 2, order="col")
     assert m.shape == (3, 2)
     assert m.param_names == ["L[0,0]", "L[1,0]", "L[2,0]", "L[1,1]", "L[2,1]"]
     assert m.free_param_defaults.tolist() == [1.0, 0.0, 0.0, 1.0, 0.0]
     p = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0], dtype=DTYPE)
     torch.testing.assert_close(m(p), torch.tensor([[1.0, 0.0], [2.0, 4.0], [3.0, 5.0]],
                                                   dtype=DTYPE))
-    assert LowerTriangularMatrix(2).shape == (2, 2)
+    assert LowerTriangularMatrix(2, order="col").shape == (2, 2)
 
 
 def test_factor_analytic_value():
@@ -333,7 +336,7 @@ def test_bad_second_sizes():
     with pytest.raises(ValueError, match="m must be >= 1"):
         EqualEntryMatrix(2, 0)
     with pytest.raises(ValueError, match="m must be <= n = 2, got 3"):
-        LowerTriangularMatrix(2, 3)
+        LowerTriangularMatrix(2, 3, order="col")
     with pytest.raises(ValueError, match="k must be <= n = 2, got 3"):
         FactorAnalyticMatrix(2, 3)
     with pytest.raises(ValueError, match="k must be >= 1"):

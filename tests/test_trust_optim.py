@@ -62,7 +62,8 @@ def test_start_values_follow_the_data_scale_for_loadings():
     Z = torch.nn.functional.one_hot(groups).to(DT)
     y = 1e6 * (Z @ torch.randn(20, generator=g, dtype=DT) + torch.randn(60, generator=g,
                                                                           dtype=DT))
-    model = MixedModel(random={"g": (Z, LowerTriangularMatrix(20))}, residual=ScalarMatrix(60))
+    model = MixedModel(random={"g": (Z, LowerTriangularMatrix(20, order="col"))},
+                       residual=ScalarMatrix(60))
     free = scale_start(REML(model, y))
     nat = model.build_params(free, include_fixed=False)
     diag = nat[[i for i, n in enumerate(model.free_param_names) if n in ("g/L[0,0]",)]]

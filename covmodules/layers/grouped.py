@@ -61,7 +61,7 @@ class GridState:
     def of(cls, values: torch.Tensor, R: torch.Tensor, m: int) -> "GridState":
         """The state of ``m x n`` grids ``R`` ``(mn, F)`` at ``values = [vec A, vec B, σ²]``."""
         A, B, s = _split(values, m, R.shape[0] // m)
-        factor = KroneckerFactor(A, B, s)
+        factor = KroneckerFactor([A, B], s)
         W = factor.whiten(R)
         neg = GLSStatistics.of_residuals(R.shape[1] * factor.logdet, (W * W).sum(),
                                          R.numel()).finish("ml").neg_loglik
@@ -74,11 +74,12 @@ class GridState:
     def cotangent(self, values: torch.Tensor) -> torch.Tensor:
         """``[vec Ā, vec B̄, s̄]`` (module docstring)."""
         f, alpha = self.factor, self.alpha
-        A, B, _ = _split(values, f.Qa.shape[0], f.Qb.shape[0])
+        A, B, _ = _split(values, *f.sizes)
         F, Dinv = alpha.shape[1], 1 / f.D
         grids = alpha.T.reshape(F, A.shape[0], B.shape[0])
-        gA = F * (f.Qa * (Dinv @ f.lb)) @ f.Qa.T - (grids @ B @ grids.mT).sum(0)
-        gB = F * (f.Qb * (f.la @ Dinv)) @ f.Qb.T - (grids.mT @ A @ grids).sum(0)
+        (Qa, Qb), (la, lb) = f.Qs, f.lams
+        gA = F * (Qa * (Dinv @ lb)) @ Qa.T - (grids @ B @ grids.mT).sum(0)
+        gB = F * (Qb * (la @ Dinv)) @ Qb.T - (grids.mT @ A @ grids).sum(0)
         gs = F * Dinv.sum() - (alpha * alpha).sum()
         return 0.5 * torch.cat([gA.reshape(-1), gB.reshape(-1), gs[None]])
 

@@ -36,8 +36,9 @@ class DeepKernel(CovarianceLayer):
     learns the kernel; ``nugget/sigma^2`` is the noise. A batch is indexed by its features:
     ``nll(y, mean, features)``. The loss is the ML loss through the Woodbury factor in
     ``O(n d²)``, its backward in closed form (module docstring); :meth:`batch_model` is the
-    same ``V`` as a module, ``Sum(kernel=Gram(Φ), nugget=ScalarMatrix(n))``. The likelihood
-    couples all rows, so the loss of a mini-batch is that batch's own marginal likelihood (a stochastic approximation).
+    same ``V`` as a module, ``Sum(kernel=Gram(Φ, gram_type="xxt"), nugget=ScalarMatrix(n))``.
+    The likelihood couples all rows, so the loss of a mini-batch is that batch's own marginal
+    likelihood (a stochastic approximation).
     Prediction at new rows: ``f(x) + φ(x)ᵀ w``, ``w = Φᵀ V⁻¹ r`` from the training data.
 
     Example::
@@ -112,9 +113,10 @@ class DeepKernel(CovarianceLayer):
         return mean + (phi @ self.weights.to(phi)).to(mean.dtype).reshape(mean.shape)
 
     def batch_model(self, features) -> CovarianceModule:
-        """``Sum(kernel=Gram(Φ), nugget=ScalarMatrix(n))`` at the layer's nugget (Φ detached)."""
+        """``Sum(kernel=Gram(Φ, gram_type="xxt"), nugget=ScalarMatrix(n))`` at the layer's nugget
+        (Φ detached)."""
         phi = self._features(features, None).detach()
-        model = Sum(kernel=Gram(phi), nugget=ScalarMatrix(phi.shape[0]))
+        model = Sum(kernel=Gram(phi, gram_type="xxt"), nugget=ScalarMatrix(phi.shape[0]))
         return self._mirror(model)
 
     def extra_repr(self) -> str:

@@ -7,6 +7,7 @@
 | block diagonal over one grouping factor | ``"grouped"`` | ``Σ n_g³/3`` |
 | ``Σ Z_i G_i Z_iᵀ + R``, ``R`` diagonal | ``"woodbury"`` | ``n q² + q³`` |
 | ``Σ Z_i (I ⊗ S_i) Z_iᵀ + R`` on block designs, ``R`` diagonal (crossed, nested) | ``"mme"`` | ``n (Σ k_i)² + Σ_j k_0 z_j² + s³/3`` |
+| random terms over a block-diagonal Kronecker residual (trials) | ``"met"`` | per block |
 
 :func:`applicable_solvers` builds each solver whose structure the model has (a solver's
 constructor reads the model's capability views, :mod:`covmodules.capabilities`, and raises
@@ -27,6 +28,7 @@ import torch
 from ..operators.kronecker import KroneckerProduct
 from .base import NotPositiveDefiniteError, Solver, UnsupportedStructure
 from .dense import DenseSolver
+from .environments import MultiEnvironmentSolver
 from .grouped import GroupedSolver
 from .kronecker import KroneckerSolver, complete_grid
 from .mme import MMESolver
@@ -34,12 +36,13 @@ from .woodbury import WoodburySolver
 
 __all__ = ["NotPositiveDefiniteError", "UnsupportedStructure", "Solver", "DenseSolver",
            "applicable_solvers",
-           "KroneckerSolver", "GroupedSolver", "WoodburySolver", "MMESolver", "SOLVERS", "select_solver",
-           "identify", "unidentified_kronecker", "complete_grid"]
+           "KroneckerSolver", "GroupedSolver", "WoodburySolver", "MMESolver", "SOLVERS",
+           "select_solver", "identify", "unidentified_kronecker", "complete_grid",
+           "MultiEnvironmentSolver"]
 
 SOLVERS: dict[str, type[Solver]] = {"dense": DenseSolver, "kronecker": KroneckerSolver,
                                     "grouped": GroupedSolver, "woodbury": WoodburySolver,
-                                    "mme": MMESolver}
+                                    "mme": MMESolver, "met": MultiEnvironmentSolver}
 
 
 def select_solver(model, solver=None) -> Solver:

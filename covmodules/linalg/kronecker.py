@@ -1,35 +1,40 @@
-r"""The Kronecker solver: ``V = A ⊗ B (+ s I)`` through the eigendecompositions of the factors.
+r"""The Kronecker solver: ``V = A_1 ⊗ ... ⊗ A_d (+ s I)`` through the factors' eigendecompositions.
 
-With ``A = Qa Λa Qaᵀ`` (``m x m``), ``B = Qb Λb Qbᵀ`` (``n x n``) and ``Q = Qa ⊗ Qb``,
+With ``A_i = Q_i Λ_i Q_iᵀ`` (``n_i x n_i``) and ``Q = Q_1 ⊗ ... ⊗ Q_d``,
 
-.. math:: V = Q\,D\,Q^T, \qquad D_{ab} = \lambda^A_a \lambda^B_b + s,
+.. math:: V = Q\,D\,Q^T, \qquad D_{a_1 \dots a_d} = \lambda^{(1)}_{a_1} \cdots \lambda^{(d)}_{a_d} + s,
 
-so ``log|V| = Σ log D_ab`` and the whitening ``F = D^{-1/2} Qᵀ`` maps a column ``v`` of length
-``N = mn``, read row-major as the ``m x n`` matrix ``v_mat``, to ``D^{-1/2} ∘ (Qaᵀ v_mat Qb)``:
-``m³ + n³`` for the eigendecompositions and ``mn(m + n)`` per column, never an ``N x N``
-matrix. The solver reads the model's :class:`~covmodules.capabilities.KroneckerView`
-(:meth:`~covmodules.CovarianceModule.kronecker_view`): a ``KroneckerProduct(A, B)`` of square
-factors, or a ``Sum`` of one and constant diagonals (``ScalarMatrix``, ``IdentityMatrix``:
-the nugget ``s I``) in any order, optionally as the residual of a ``MixedModel`` without
-random terms.
+so ``log|V| = Σ log D`` and the whitening ``F = D^{-1/2} Qᵀ`` maps a column of length
+``N = Π n_i``, read row-major as an ``n_1 x ... x n_d`` array, to ``D^{-1/2}`` times its mode
+products with every ``Q_iᵀ``: ``Σ n_i³`` for the eigendecompositions and ``N Σ n_i`` per
+column as one matrix product per factor (:func:`kron_matmul`), never an ``N x N`` matrix.
+The solver reads the model's :class:`~covmodules.capabilities.KroneckerView`
+(:meth:`~covmodules.CovarianceModule.kronecker_view`): a ``KroneckerProduct`` of square
+factors (nested products give more than two factors, ``A ⊗ (B ⊗ C)``), or a ``Sum`` of one
+and constant diagonals (``ScalarMatrix``, ``IdentityMatrix``: the nugget ``s I``) in any order,
+optionally as the residual of a ``MixedModel`` without random terms.
 
-**Gradient.** In the eigenbasis the cotangent ``½(P - Py Pyᵀ)`` is
-``½(D⁻¹ - T Tᵀ - u uᵀ)`` with ``u = D^{-1/2} r_w`` (``P y``, an ``m x n`` matrix ``U``) and
-``T = D^{-1/2} X_w L_A^{-T}`` (``V⁻¹ X L_A^{-T}``; columns ``T_k``, absent for ML).
-Contracting with ``B`` over the ``n`` axes, as ``KroneckerProduct`` hands its first operand,
-and with ``A`` over the ``m`` axes for the second:
+**Reuse across evaluations.** A factor that changed only by a positive scale (a variance
+moved, its correlations not) keeps its eigenvectors, and while every factor keeps its
+eigenvectors the rotated data ``Qᵀ [X y]`` are reused: the start-value search and the step
+halvings of AI-REML, which move variances alone, then cost ``O(N p)`` per evaluation.
+
+**Gradient.** In the eigenbasis the cotangent ``½(P - Py Pyᵀ)`` is ``½(D⁻¹ - W Wᵀ)``, the
+columns of ``W`` being ``u = D^{-1/2} r_w`` (``Qᵀ P y``) and ``T = D^{-1/2} X_w L_A^{-T}``
+(``Qᵀ V⁻¹ X L_A^{-T}``, absent for ML). Contracted with every factor but ``i``, as
+``KroneckerProduct`` hands its operands, with ``Λ_{-i}`` the product of the other factors'
+eigenvalues and ``W_c^{(i)}`` the mode-``i`` unfolding (``n_i x N/n_i``) of column ``c``:
 
 .. math::
 
-    \bar A &= Q_a\,\tfrac12\Big[\operatorname{diag}_a\Big(\sum_b \frac{\lambda^B_b}{D_{ab}}\Big)
-              - \sum_k T_k \Lambda_B T_k^T - U \Lambda_B U^T\Big] Q_a^T, \\
-    \bar B &= Q_b\,\tfrac12\Big[\operatorname{diag}_b\Big(\sum_a \frac{\lambda^A_a}{D_{ab}}\Big)
-              - \sum_k T_k^T \Lambda_A T_k - U^T \Lambda_A U\Big] Q_b^T, \qquad
-    \bar s = \tfrac12\Big[\sum_{ab} D_{ab}^{-1} - \lVert T\rVert^2 - \lVert U\rVert^2\Big];
+    \bar A_i = Q_i\,\tfrac12\Big[\operatorname{diag}_a\Big(\sum_{\text{other axes}}
+               \frac{\Lambda_{-i}}{D}\Big) - \sum_c W_c^{(i)} \Lambda_{-i} W_c^{(i)T}\Big] Q_i^T,
+    \qquad \bar s = \tfrac12\Big[\sum D^{-1} - \lVert W\rVert^2\Big]
 
-the view maps ``Ā``, ``B̄`` (through each factor's own ``_vjp``) and ``s̄ = tr Ḡ`` to the
-parameters. Eigenvectors are never differentiated, so repeated eigenvalues (identity,
-compound-symmetric factors) are harmless.
+(:meth:`KroneckerFactor.cotangents`, ``N n_i`` per column); the view maps the ``Ā_i``
+(through each factor's own ``_vjp``) and ``s̄ = tr Ḡ`` to the parameters. Eigenvectors are
+never differentiated, so repeated eigenvalues (identity, compound-symmetric factors) are
+harmless.
 
 **Data layout.** Row ``i n + j`` of ``y`` and ``X`` is grid cell ``(i, j)``: row-major, the
 first factor indexes grid rows. :func:`complete_grid` puts plot data into that order and
@@ -55,50 +60,150 @@ Example::
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from .base import (Factor, GLSState, NotPositiveDefiniteError, Solver,
-                   UnsupportedStructure)
+                   UnsupportedStructure, gls)
 
-__all__ = ["KroneckerSolver", "KroneckerFactor", "GridData", "complete_grid"]
+__all__ = ["KroneckerSolver", "KroneckerFactor", "EigenCache", "kron_matmul", "GridData",
+           "complete_grid"]
 
 
-def kron_matmul(Qa: torch.Tensor, Qb: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """``(Qa ⊗ Qb) B`` for ``B`` of shape ``(mn, k)`` in ``mn(m + n) k``."""
-    m, n, k = Qa.shape[1], Qb.shape[1], B.shape[1]
-    C = (Qa @ B.reshape(m, n * k)).reshape(Qa.shape[0], n, k)
-    return torch.matmul(Qb, C).reshape(Qa.shape[0] * Qb.shape[0], k)
+def kron_matmul(Qs, B: torch.Tensor) -> torch.Tensor:
+    """``(Q_1 ⊗ ... ⊗ Q_d) B`` for square ``Q_i`` and ``B`` of shape ``(N, k)``: one matrix
+    product per factor on the ``(k, n_1, ..., n_d)`` array, ``2 N k Σ n_i`` flops.
+
+    >>> Qa, Qb = torch.randn(3, 3, dtype=torch.float64), torch.randn(2, 2, dtype=torch.float64)
+    >>> B = torch.randn(6, 4, dtype=torch.float64)
+    >>> torch.allclose(kron_matmul([Qa, Qb], B), torch.kron(Qa, Qb) @ B)
+    True
+    """
+    sizes, k = [Q.shape[0] for Q in Qs], B.shape[1]
+    N = B.shape[0]
+    T = B.T.contiguous()                                          # (k, n_1 ... n_d)
+    for i, Q in enumerate(Qs):
+        pre, post = k * math.prod(sizes[:i]), math.prod(sizes[i + 1:])
+        if post == 1:                                             # last axis: one GEMM
+            T = T.reshape(pre, sizes[i]) @ Q.T
+        else:                                                     # batched GEMMs
+            T = torch.matmul(Q, T.reshape(pre, sizes[i], post))
+    return T.reshape(k, N).T
+
+
+class EigenCache:
+    """The last eigendecomposition of each factor, and data rotated by those eigenvectors.
+
+    :meth:`eigh` returns the cached eigenvectors when a factor is a positive multiple of the
+    cached matrix (to rounding), so the rotations of the data (:meth:`rotated`) stay valid.
+    """
+
+    def __init__(self):
+        self.eig, self.rotations, self.basis = {}, [], None
+
+    def eigh(self, i: int, M: torch.Tensor):
+        hit = self.eig.get(i)
+        if hit is not None and hit[0].shape == M.shape:
+            M0, lam, Q = hit
+            c = (M * M0).sum() / (M0 * M0).sum()
+            level = 16 * torch.finfo(M.dtype).eps * float(M.abs().max())
+            if float(c) > 0 and float((M - c * M0).abs().max()) <= level:
+                return lam * c, Q
+        lam, Q = torch.linalg.eigh(M)
+        self.eig[i] = (M, lam, Q)
+        return lam, Q
+
+    def rotated(self, Qs, B: torch.Tensor) -> torch.Tensor:
+        """``Qᵀ B``, remembered while the eigenvectors ``Qs`` stay (``B`` is kept with it, so
+        its storage is not reused by another tensor meanwhile)."""
+        if self.basis is None or len(self.basis) != len(Qs) \
+                or any(a is not b for a, b in zip(self.basis, Qs)):
+            self.basis, self.rotations = list(Qs), []
+        key = _storage_key(B)
+        for known, _, value in self.rotations:
+            if known == key:
+                return value
+        value = kron_matmul([Q.T for Q in Qs], B)
+        self.rotations.append((key, B, value))
+        return value
+
+
+def _storage_key(B: torch.Tensor):
+    """Identity of a tensor's values: storage, layout and version (``y`` and ``y[:, None]``
+    share one)."""
+    return (B.data_ptr(), B.shape[0], B.numel(), B.stride()[0], B._version, B.dtype, B.device)
 
 
 class KroneckerFactor(Factor):
-    """``V = (Qa ⊗ Qb) D (Qa ⊗ Qb)ᵀ`` with ``D = λa λbᵀ + s``; ``F = D^{-1/2} (Qa ⊗ Qb)ᵀ``."""
+    """``V = Q D Qᵀ``, ``Q = Q_1 ⊗ ... ⊗ Q_d``, ``D = λ_1 ∘ ... ∘ λ_d + s``; ``F = D^{-1/2} Qᵀ``.
 
-    def __init__(self, A: torch.Tensor, B: torch.Tensor, s):
-        if not (bool(torch.isfinite(A).all()) and bool(torch.isfinite(B).all())):
+    ``factors``: the square ``A_i``; ``cache``: an :class:`EigenCache` to reuse, and ``data``
+    the tensors (``y``, ``X``) whose rotations it remembers.
+    """
+
+    def __init__(self, factors, s, cache: EigenCache | None = None, data=()):
+        if not all(bool(torch.isfinite(A).all()) for A in factors):
             raise NotPositiveDefiniteError("a Kronecker factor is not finite at these "
                                            "parameters; try other start values")
-        self.la, self.Qa = torch.linalg.eigh(A)
-        self.lb, self.Qb = torch.linalg.eigh(B)
-        self.D = self.la[:, None] * self.lb[None, :] + s
+        self.cache, self.data = cache, {_storage_key(t) for t in data}
+        pairs = [cache.eigh(i, A) if cache is not None else torch.linalg.eigh(A)
+                 for i, A in enumerate(factors)]
+        self.lams, self.Qs = [p[0] for p in pairs], [p[1] for p in pairs]
+        self.sizes = tuple(A.shape[0] for A in factors)
+        self.D = self.product() + s
         if not bool((self.D > 0).all()) or not bool(torch.isfinite(self.D).all()):
             raise NotPositiveDefiniteError(
-                f"V = A ⊗ B + s I is not positive definite (smallest eigenvalue "
+                f"V = A_1 ⊗ ... ⊗ A_d + s I is not positive definite (smallest eigenvalue "
                 f"{float(self.D.min()):.3g}); try other start values")
         self.root = self.D.sqrt().reshape(-1, 1)
+        self.rows = self.D.numel()
         self.logdet = torch.log(self.D).sum()
 
+    def product(self, skip: int | None = None) -> torch.Tensor:
+        """``λ_1 ∘ ... ∘ λ_d`` as an ``n_1 x ... x n_d`` array (factor ``skip`` left out: ones)."""
+        d, out = len(self.lams), None
+        for i, lam in enumerate(self.lams):
+            if i == skip:
+                continue
+            shaped = lam.reshape([-1 if j == i else 1 for j in range(d)])
+            out = shaped if out is None else out * shaped
+        return out.expand(self.sizes)
+
     def whiten(self, B):
-        return kron_matmul(self.Qa.T, self.Qb.T, B) / self.root
+        if self.cache is not None and _storage_key(B) in self.data:
+            return self.cache.rotated(self.Qs, B) / self.root
+        return kron_matmul([Q.T for Q in self.Qs], B) / self.root
 
     def unwhiten(self, W):
-        return kron_matmul(self.Qa, self.Qb, W / self.root)
+        return kron_matmul(self.Qs, W / self.root)
+
+    def rotate(self, B: torch.Tensor) -> torch.Tensor:
+        """``Qᵀ B``: columns in the eigenbasis (the input of :meth:`cotangents`)."""
+        return kron_matmul([Q.T for Q in self.Qs], B)
+
+    def cotangents(self, W: torch.Tensor):
+        """``([Ā_1, ..., Ā_d], t)`` of ``Ḡ = ½ Q (D⁻¹ - W Wᵀ) Qᵀ`` for eigenbasis columns ``W``
+        ``(N, c)`` (module docstring): ``Ā_i`` in the original basis, ``t = tr Ḡ``."""
+        d, c = len(self.sizes), W.shape[1]
+        Wt = W.T.reshape(c, *self.sizes)
+        Dinv = 1 / self.D
+        grads = []
+        for i, (Q, n_i) in enumerate(zip(self.Qs, self.sizes)):
+            other = self.product(skip=i)
+            axes = tuple(j for j in range(d) if j != i)
+            diag = (Dinv * other).sum(axes) if axes else Dinv
+            U = Wt.movedim(i + 1, 0)                             # (n_i, c, other axes)
+            weighted = (U * other.movedim(i, 0)[:, None]).reshape(n_i, -1)
+            G = torch.diag(diag) - weighted @ U.reshape(n_i, -1).T
+            grads.append(0.5 * (Q @ G @ Q.T))
+        return grads, 0.5 * (Dinv.sum() - (W * W).sum())
 
 
 class KroneckerSolver(Solver):
-    """``A ⊗ B (+ σ² I)``: eigendecompositions of the factors (see the module docstring)."""
+    """``A_1 ⊗ ... ⊗ A_d (+ σ² I)``: eigendecompositions of the factors (module docstring)."""
 
     name = "kronecker"
 
@@ -106,35 +211,34 @@ class KroneckerSolver(Solver):
         super().__init__(model)
         self.view = model.kronecker_view()
         if self.view is None:
-            raise UnsupportedStructure("not a Kronecker product A ⊗ B of square factors (plus "
+            raise UnsupportedStructure("not a Kronecker product of square factors (plus "
                                        "constant diagonals σ² I), nor a MixedModel without "
                                        "random terms whose residual is one")
+        self.cache = EigenCache()
 
     @property
     def cost(self) -> float:
-        m, n = self.view.sizes
-        return m ** 3 + n ** 3 + 8 * m * n * (m + n)
+        N = math.prod(self.view.sizes)
+        return sum(n ** 3 for n in self.view.sizes) + 8 * N * sum(self.view.sizes)
 
-    def factorize(self, nat):
-        return KroneckerFactor(*self.view.values(nat))
+    def factorize(self, nat, data=()):
+        factors, s = self.view.values(nat)
+        return KroneckerFactor(factors, s, self.cache, data)
+
+    def state(self, free, y, X, method) -> GLSState:
+        """:meth:`Solver.state` with the rotations of ``y`` and ``X`` remembered."""
+        with torch.no_grad():
+            nat = self.model.build_params(free)
+            y, X = y.to(nat.dtype), X.to(nat.dtype)
+            return gls(self.factorize(nat, (y, X)), y, X, method)
 
     def natural_gradient(self, nat, state: GLSState):
         f = state.factor
-        (m, n), la, lb = f.D.shape, f.la, f.lb
-        U = (state.rw[:, None] / f.root).reshape(m, n)
-        Ga = torch.diag((lb / f.D).sum(1)) - (U * lb) @ U.T
-        Gb = torch.diag((la[:, None] / f.D).sum(0)) - U.T @ (la[:, None] * U)
-        gs = (1 / f.D).sum() - (U * U).sum()
+        W = state.rw[:, None] / f.root
         if state.method == "reml":
-            T = (state.low_rank_x() / f.root).reshape(m, n, -1)
-            p = T.shape[2]
-            Ga -= (T * lb[None, :, None]).reshape(m, n * p) @ T.reshape(m, n * p).T
-            Tt = T.permute(1, 0, 2).reshape(n, m * p)
-            Gb -= (T.permute(1, 0, 2) * la[None, :, None]).reshape(n, m * p) @ Tt.T
-            gs -= (T * T).sum()
-        Ga = 0.5 * (f.Qa @ Ga @ f.Qa.T)
-        Gb = 0.5 * (f.Qb @ Gb @ f.Qb.T)
-        return self.view.vjp(nat, Ga, Gb, 0.5 * gs)
+            W = torch.cat([W, state.low_rank_x() / f.root], 1)
+        grads, trace = f.cotangents(W)
+        return self.view.vjp(nat, grads, trace)
 
 
 @dataclass(frozen=True)

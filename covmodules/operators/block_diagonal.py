@@ -8,6 +8,7 @@ rows ``R_i`` (zero elsewhere).
 
 import torch
 
+from ..capabilities import BlockDiagonalView
 from .base import Operator, consecutive_slices, stack_rows
 
 
@@ -59,3 +60,11 @@ class BlockDiagonal(Operator):
         blocks = [op._dv_matmul(part, W[c], transpose)
                   for op, part, c in zip(self.operand_modules, self._split(nat), cols)]
         return stack_rows(blocks, rows, self.shape[1] if transpose else self.shape[0])
+
+    def block_diagonal_view(self):
+        """The blocks, when every block is square."""
+        rows, cols = self._slices()
+        if rows != cols:
+            return None
+        params = consecutive_slices(self._operand_sizes)
+        return BlockDiagonalView(tuple(zip(self.operand_modules, rows, params)))

@@ -10,6 +10,8 @@ operand). Products: ``(dA ∘ B) W`` needs ``dA`` element-wise, so it uses ``A``
 one it is ``da (B W)``.
 """
 
+import math
+
 import numpy as np
 import torch
 
@@ -24,10 +26,11 @@ class HadamardProduct(Operator):
     r"""Element-wise product :math:`\mathbf{V} = \mathbf{A} \circ \mathbf{B}` of two operands.
 
     Operands are covariance modules or fixed tensors of equal shape; either may be a scalar
-    (a 0-d or ``1 x 1`` tensor, or a ``1 x 1`` module such as ``ScalarMatrix(1)``) that
-    broadcasts. ``HadamardProduct(scale=ScalarMatrix(1), K=K)`` is a known relationship
-    matrix ``K`` with its own variance ``sigma^2 K``; ``HadamardProduct(AR1Matrix(n), K)``
-    modulates a known correlation by a serial one.
+    (a one-element tensor such as ``torch.tensor(5.0)``, ``torch.tensor([5.0])`` or a
+    ``1 x 1`` one, or a ``1 x 1`` module such as ``ScalarMatrix(1)``) that broadcasts.
+    ``HadamardProduct(scale=ScalarMatrix(1), K=K)`` is a known relationship matrix ``K`` with
+    its own variance ``sigma^2 K``; ``HadamardProduct(AR1Matrix(n), K)`` modulates a known
+    correlation by a serial one.
 
     Example::
 
@@ -45,7 +48,8 @@ class HadamardProduct(Operator):
     min_operands = max_operands = 2
 
     def _add_operand(self, name, operand):
-        if isinstance(operand, (torch.Tensor, np.ndarray)) and operand.ndim == 0:
+        if (isinstance(operand, (torch.Tensor, np.ndarray)) and operand.ndim < 2
+                and math.prod(operand.shape) == 1):
             operand = operand.reshape(1, 1)
         super()._add_operand(name, operand)
 

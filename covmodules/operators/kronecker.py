@@ -83,22 +83,38 @@ class KroneckerProduct(Operator):
         return torch.cat([part_a, part_b])
 
     def kronecker_view(self):
-        """``A ⊗ B`` (no nugget) when both factors are square."""
-        a, b = self.operand_modules
-        if a.shape[0] != a.shape[1] or b.shape[0] != b.shape[1]:
+        """``A ⊗ B`` (no nugget) when both factors are square; a factor that is itself a
+        Kronecker product without nugget contributes its own factors (``A ⊗ (B ⊗ C)`` has
+        three)."""
+        parts = [_factor_view(op) for op in self.operand_modules]
+        if None in parts:
             return None
+        d = len(parts[0].sizes)
 
         def values(nat):
-            return (*self._operand_values(nat), 0.0)
-
-        def vjp(nat, grad_a, grad_b, trace):
             na, nb = self._split(nat)
-            return torch.cat([a._vjp(na, grad_a), b._vjp(nb, grad_b)])
+            return (*parts[0].values(na)[0], *parts[1].values(nb)[0]), 0.0
 
-        return KroneckerView((a.shape[0], b.shape[0]), values, vjp)
+        def vjp(nat, grads, trace):
+            na, nb = self._split(nat)
+            return torch.cat([parts[0].vjp(na, grads[:d], 0.0), parts[1].vjp(nb, grads[d:], 0.0)])
+
+        return KroneckerView(parts[0].sizes + parts[1].sizes, values, vjp)
 
     def repeated_block_view(self):
         """``I_L ⊗ S`` when the first factor is the identity: the block is ``S``, whose
         parameters are all of this product's."""
         a, b = self.operand_modules
         return RepeatedBlock(a.shape[0], b) if is_identity(a) else None
+
+
+def _factor_view(op):
+    """``op`` as Kronecker factors: its own view when it is a product without nugget, else
+    the one square factor ``op`` (``None`` when not square)."""
+    view = op.kronecker_view()
+    if view is not None and not view.nugget:
+        return view
+    if op.shape[0] != op.shape[1]:
+        return None
+    return KroneckerView((op.shape[0],), lambda nat: ((op._evaluate(nat),), 0.0),
+                         lambda nat, grads, trace: op._vjp(nat, grads[0]))

@@ -10,7 +10,7 @@ class Sum(Operator):
     r"""Sum :math:`\mathbf{V} = \sum_i \mathbf{V}_i` of two or more same-shape operands.
 
     Each operand receives the cotangent unchanged in the backward pass. One operand with a
-    :class:`~covmodules.capabilities.KroneckerView` plus constant diagonals (``A ⊗ B + σ² I``)
+    :class:`~covmodules.capabilities.KroneckerView` plus constant diagonals (``A ⊗ B + σ² I``, any number of factors)
     offers a Kronecker view with the diagonals as its nugget.
 
     Example::
@@ -68,15 +68,15 @@ class Sum(Operator):
 
         def values(nat):
             parts = self._split(nat)
-            A, B, s = kron.values(parts[k])
+            factors, s = kron.values(parts[k])
             for i, (view, part) in enumerate(zip(views, parts)):
                 if i != k:
                     s = s + view.values(part)[0]
-            return A, B, s
+            return factors, s
 
-        def vjp(nat, grad_a, grad_b, trace):
-            return torch.cat([kron.vjp(part, grad_a, grad_b, trace) if i == k
+        def vjp(nat, grads, trace):
+            return torch.cat([kron.vjp(part, grads, trace) if i == k
                               else view.trace_vjp(part, trace, n)
                               for i, (view, part) in enumerate(zip(views, self._split(nat)))])
 
-        return KroneckerView(kron.sizes, values, vjp)
+        return KroneckerView(kron.sizes, values, vjp, nugget=True)

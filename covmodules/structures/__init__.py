@@ -1,11 +1,13 @@
 """Leaf covariance structures, one per file."""
 
+from .adapter import Adapter
 from .ar1 import AR1Matrix
 from .block_design import BlockDesignMatrix
 from .car1 import CAR1Matrix
 from .compound_symmetric import CompoundSymmetricMatrix
 from .design_matrix import DesignMatrix
 from .diagonal import DiagonalMatrix
+from .dummy import DummyMatrix
 from .equal_entry import EqualEntryMatrix
 from .equicorrelation import EquicorrelationMatrix
 from .factor_analytic import FactorAnalyticMatrix
@@ -19,9 +21,9 @@ from .simple import SimpleMatrix
 from .toeplitz import ToeplitzMatrix
 from .unconstrained import UnconstrainedMatrix
 
-__all__ = ["AR1Matrix", "BlockDesignMatrix", "CAR1Matrix", "CompoundSymmetricMatrix", "DesignMatrix",
-           "DiagonalMatrix", "EqualEntryMatrix", "EquicorrelationMatrix",
-           "FactorAnalyticMatrix", "FixedMatrix", "HeterogeneousCSMatrix",
+__all__ = ["Adapter", "AR1Matrix", "BlockDesignMatrix", "CAR1Matrix", "CompoundSymmetricMatrix",
+           "DesignMatrix", "DiagonalMatrix", "DummyMatrix", "EqualEntryMatrix",
+           "EquicorrelationMatrix", "FactorAnalyticMatrix", "FixedMatrix", "HeterogeneousCSMatrix",
            "HeterogeneousToeplitzMatrix", "IdentityMatrix", "KnownMatrix",
            "LowerTriangularMatrix", "ScalarMatrix", "SimpleMatrix", "ToeplitzMatrix",
            "UnconstrainedMatrix"]

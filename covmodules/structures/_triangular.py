@@ -13,9 +13,12 @@ where ``f_b`` is column ``b`` of ``F``. Entries are ordered column-major (lme4's
 import torch
 
 
-def tril_index(n: int, m: int) -> tuple[list[int], list[int]]:
-    """Rows and columns of the entries ``i >= j``, ``j < m`` of ``n x m``, column-major."""
+def tril_index(n: int, m: int, row_major: bool = False) -> tuple[list[int], list[int]]:
+    """Rows and columns of the entries ``i >= j``, ``j < m`` of ``n x m``, column-major (or
+    row-major)."""
     pairs = [(i, j) for j in range(m) for i in range(j, n)]
+    if row_major:
+        pairs.sort()
     return [i for i, _ in pairs], [j for _, j in pairs]
 
 

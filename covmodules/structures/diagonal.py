@@ -36,7 +36,8 @@ def diagonal_dv_matmul(W: torch.Tensor) -> torch.Tensor:
 class DiagonalMatrix(Structure):
     r"""Heterogeneous variances :math:`\operatorname{diag}(\sigma^2_0, \dots, \sigma^2_{n-1})`.
 
-    Parameters ``sigma^2[i] = exp(2 x_i)``, defaults ``x_i = 0`` (``V = I``).
+    Parameters ``sigma^2[i] = exp(2 x_i)`` (alias ``sigma^2_i``, torch-openreml's name),
+    defaults ``x_i = 0`` (``V = I``).
 
     Example::
 
@@ -51,7 +52,7 @@ class DiagonalMatrix(Structure):
         super().__init__()
         self.n = check_size(n, "n")
         for i in range(self.n):
-            self.add_param(f"sigma^2[{i}]", 0.0, ExpPow2())
+            self.add_param(f"sigma^2[{i}]", 0.0, ExpPow2(), alias=f"sigma^2_{i}")
 
     @property
     def shape(self):

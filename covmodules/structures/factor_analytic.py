@@ -14,6 +14,7 @@ with :math:`\boldsymbol{\Lambda}` ``n x k`` lower trapezoidal (:math:`\lambda_{i
 import torch
 
 from ..base import Structure
+from ..capabilities import LowRankDiagonalView
 from ..natural import covariance_summary
 from ..transforms import ExpPow2, Identity
 from ..validation import check_size
@@ -83,3 +84,7 @@ class FactorAnalyticMatrix(Structure):
     def _dv_matmul(self, nat, W, transpose=False):
         loadings, _, rows, cols = self._parts(nat)
         return torch.cat([outer_dv_matmul(loadings, W, rows, cols), diagonal_dv_matmul(W)])
+
+    def low_rank_diagonal_view(self):
+        """``Λ Λᵀ + diag(ψ)``: the loadings and the specific variances."""
+        return LowRankDiagonalView(lambda nat: self._parts(nat)[:2])

@@ -16,32 +16,46 @@ from ._triangular import fill, index_tensors, tril_index
 
 
 class LowerTriangularMatrix(Structure):
-    r"""An ``n x m`` lower-trapezoidal matrix ``L`` (``m <= n``, ``m = n`` by default).
+    r"""An ``n x m`` lower-trapezoidal matrix ``L`` (``m = n`` by default).
 
-    Parameters ``L[i,j]`` (``i >= j``, column-major), identity transform; defaults ``1`` on
-    the diagonal and ``0`` below it.
+    Parameters ``L[i,j]`` (``i >= j``; alias ``L_i_j``), identity transform. By default
+    (``order="row"``, torch-openreml's layout) they run row-major (``(0,0), (1,0), (1,1),
+    (2,0), ...``), every default ``1``, any ``m``; ``order="col"`` (``m <= n``) runs them
+    column-major (lme4's theta order) with defaults ``1`` on the diagonal and ``0`` below it.
 
     Example::
 
+        >>> import torch
         >>> from covmodules import LowerTriangularMatrix
         >>> L = LowerTriangularMatrix(3, 2)
         >>> L.param_names
+        ['L[0,0]', 'L[1,0]', 'L[1,1]', 'L[2,0]', 'L[2,1]']
+        >>> L(torch.arange(1.0, 6.0)).detach()
+        tensor([[1., 0.],
+                [2., 3.],
+                [4., 5.]])
+        >>> C = LowerTriangularMatrix(3, 2, order="col")
+        >>> C.param_names
         ['L[0,0]', 'L[1,0]', 'L[2,0]', 'L[1,1]', 'L[2,1]']
-        >>> L().detach()
+        >>> C().detach()
         tensor([[1., 0.],
                 [0., 1.],
                 [0., 0.]], dtype=torch.float64)
     """
 
-    def __init__(self, n: int, m: int | None = None):
+    def __init__(self, n: int, m: int | None = None, *, order: str = "row"):
         super().__init__()
+        if order not in ("row", "col"):
+            raise ValueError(f"order must be 'row' or 'col', got {order!r}")
         self.n = check_size(n, "n")
         self.m = self.n if m is None else check_size(m, "m")
-        if self.m > self.n:
+        self.order = order
+        if self.m > self.n and order == "col":
             raise ValueError(f"m must be <= n = {self.n}, got {self.m}")
-        self._rows, self._cols = tril_index(self.n, self.m)
+        self._rows, self._cols = tril_index(self.n, self.m, row_major=order == "row")
         for i, j in zip(self._rows, self._cols):
-            self.add_param(f"L[{i},{j}]", 1.0 if i == j else 0.0, Identity(), "loading")
+            default = 1.0 if i == j or order == "row" else 0.0
+            self.add_param(f"L[{i},{j}]", default, Identity(), "loading", alias=f"L_{i}_{j}")
 
     @property
     def shape(self):
