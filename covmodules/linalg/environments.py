@@ -86,11 +86,9 @@ class MultiEnvironmentSolver(Solver):
         self.env, env_rows = self._environment_term(terms)
         self.blocks = self._residual_blocks(model._modules["residual"],
                                             sum(G.num_params for _, G, _ in terms), env_rows)
+        self._require_environments()                      # before any per-block Z is formed
         self._assign_environments(env_rows)
-        if all(b.kind == "diag" for b in self.blocks) and (self.env is None
-                                                            or self.env[4] < 2):
-            raise UnsupportedStructure("a diagonal residual without a term over two or more "
-                                       "environments is the Woodbury / mme solvers'")
+        self._require_environments()
         if self.env is not None:
             _, _, _, _, E, _, level, values = self.env
             rows = (env_rows >= 0).nonzero()[:, 0]
@@ -101,6 +99,12 @@ class MultiEnvironmentSolver(Solver):
             if self.env is None or name != self.env[0]]
 
     # ------------------------------------------------------------------ structure
+    def _require_environments(self):
+        if all(b.kind == "diag" for b in self.blocks) and (self.env is None
+                                                            or self.env[4] < 2):
+            raise UnsupportedStructure("a diagonal residual without a term over two or more "
+                                       "environments is the Woodbury / mme solvers'")
+
     def _environment_term(self, terms):
         """``(name, G, offset, Σ module, E, L, level, values)`` of the first ``I_L ⊗ Σ`` term
         whose rows each touch one environment, and the environment of each row (-1: none)."""
