@@ -224,7 +224,7 @@ class MMESolver(Solver):
 
     def factorize(self, nat):
         r = self._r(nat)
-        floor = 1e-120 * float(r.mean())
+        floor = 1e-120 * float(r.detach().mean())
         lams = [_root(t.block._evaluate(nat[t.offset:t.offset + t.num_params]), floor)
                 for t in self.terms]
         Kd, Kb, Kc, c = self._cross_products(1 / r)
