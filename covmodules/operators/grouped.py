@@ -148,12 +148,7 @@ class Grouped(Operator):
         self.num_groups = int(codes.max()) + 1
         self.register_buffer("group_codes", torch.from_numpy(codes), persistent=False)
         self.register_buffer("positions", torch.from_numpy(pos), persistent=False)
-        self._padded = []
-        for k, (rows, block_pos, valid) in enumerate(size_class_blocks(codes, pos)):
-            for part, value in (("rows", rows), ("pos", block_pos), ("valid", valid)):
-                self.register_buffer(f"_block{k}_{part}", torch.from_numpy(value),
-                                     persistent=False)
-            self._padded.append(not valid.all())
+        self._size_classes = None      # (device, blocks): formed when first evaluated
 
     def _check_shapes(self, shapes):
         (t1, t2), = shapes
@@ -166,11 +161,18 @@ class Grouped(Operator):
         return (n, n)
 
     def _blocks(self):
-        """``(rows, positions, pair mask or None)`` per size class, on the buffers' device."""
-        for k, padded in enumerate(self._padded):
-            rows, pos, valid = (getattr(self, f"_block{k}_{part}")
-                                for part in ("rows", "pos", "valid"))
-            yield rows, pos, (valid[:, :, None] & valid[:, None, :]) if padded else None
+        """``(rows, positions, pair mask or None)`` per size class, on the buffers' device
+        (formed on first use: the structured solvers never need them)."""
+        device = self.group_codes.device
+        if self._size_classes is None or self._size_classes[0] != device:
+            blocks = []
+            for rows, pos, valid in size_class_blocks(self.group_codes.cpu().numpy(),
+                                                      self.positions.cpu().numpy()):
+                rows, pos, valid = (torch.from_numpy(a).to(device) for a in (rows, pos, valid))
+                blocks.append((rows, pos, None if bool(valid.all()) else
+                               valid[:, :, None] & valid[:, None, :]))
+            self._size_classes = (device, blocks)
+        yield from self._size_classes[1]
 
     def _evaluate(self, nat):
         S = self.operand_modules[0]._evaluate(nat)
