@@ -142,6 +142,16 @@ class MixedModelFactor:
                 raise NotPositiveDefiniteError(message)
             self.LD = D.sqrt()
             self.LDinv = 1 / self.LD
+        elif k0 == 2:                                      # closed form, D ≥ I
+            if not bool(torch.isfinite(D).all()):
+                raise NotPositiveDefiniteError(message)
+            a = D[:, 0, 0].sqrt()
+            b = D[:, 1, 0] / a
+            c = (D[:, 1, 1] - b * b).clamp(min=0).sqrt()
+            zero = torch.zeros_like(a)
+            self.LD = torch.stack([torch.stack([a, zero], 1), torch.stack([b, c], 1)], 1)
+            self.LDinv = torch.stack([torch.stack([1 / a, zero], 1),
+                                      torch.stack([-b / (a * c), 1 / c], 1)], 1)
         else:
             self.LD = cholesky(D, message)
             eye = torch.eye(k0, dtype=D.dtype, device=D.device).expand(m0, k0, k0)
