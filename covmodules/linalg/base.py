@@ -197,9 +197,17 @@ class Solver(abc.ABC):
             return self.model.to_free(g, free)
 
     def average_information(self, free, state) -> torch.Tensor:
-        """``AI = ½ Uᵀ P U`` with ``U[:, k] = dV/dθ_k (P y)``: K structured products."""
-        U = self.model.dV(state.Py, free)
+        """``AI = ½ Uᵀ P U`` with ``U[:, k] = dV/dθ_k (P y)``: K structured products (the
+        solver's :meth:`natural_dv_py` where it has cheaper ones than the model's ``dV``)."""
+        with torch.no_grad():
+            U = self.natural_dv_py(self.model.build_params(free), state.Py)
+        U = self.model.dV(state.Py, free) if U is None else self.model.to_free(U, free)
         return 0.5 * state.project(U.T)
+
+    def natural_dv_py(self, nat: torch.Tensor, Py: torch.Tensor):
+        """``[∂V/∂θ_k P y]_k`` over all parameters on the natural scale, ``(K, n)``, or
+        ``None`` for the model's own ``dV``."""
+        return None
 
 
 def additive_pieces(model) -> list[tuple[str | None, object, int]]:

@@ -280,18 +280,14 @@ class GroupedSolver(Solver):
             out[p.offset:p.offset + p.num_params] = g
         return out
 
-    def average_information(self, free, state):
-        """``½ Uᵀ P U`` with ``U[:, k] = dV/dθ_k (P y)``; terms through level sums ``Z̃ᵀ P y``."""
-        model, Py = self.model, state.Py
-        with torch.no_grad():
-            nat = model.build_params(free)
-            U = Py.new_zeros(nat.shape[0], self.n)
-            for p in self.pieces:
-                part, rows = self._slice(nat, p), slice(p.offset, p.offset + p.num_params)
-                if p.kind == "term":
-                    U[rows] = term_dv(p.inner, part, p.codes.clamp(min=0), p.values,
-                                      p.module.shape[0] // p.values.shape[1], Py)
-                else:
-                    U[rows] = p.module._dv_matmul(part, Py[:, None])[..., 0]
-            U = model.to_free(U, free)
-            return 0.5 * state.project(U.T)
+    def natural_dv_py(self, nat, Py):
+        """Per piece; terms through their level sums ``Z̃ᵀ P y``."""
+        U = Py.new_zeros(nat.shape[0], self.n)
+        for p in self.pieces:
+            part, rows = self._slice(nat, p), slice(p.offset, p.offset + p.num_params)
+            if p.kind == "term":
+                U[rows] = term_dv(p.inner, part, p.codes.clamp(min=0), p.values,
+                                  p.module.shape[0] // p.values.shape[1], Py)
+            else:
+                U[rows] = p.module._dv_matmul(part, Py[:, None])[..., 0]
+        return U

@@ -291,22 +291,17 @@ class MMESolver(Solver):
                 out = out + (term if u is t else 2 * term)
         return out
 
-    def average_information(self, free, state):
-        """``½ Uᵀ P U`` with ``U[:, k] = dV/dθ_k (P y)``; terms through level sums."""
-        model, Py = self.model, state.Py
-        with torch.no_grad():
-            nat = model.build_params(free)
-            U = Py.new_zeros(nat.shape[0], self.n)
-            for t in self.terms:
-                part = nat[t.offset:t.offset + t.num_params]
-                U[t.offset:t.offset + t.num_params] = term_dv(t.block, part, t.codes,
-                                                              t.values, t.m, Py)
-            for name, module, off in additive_pieces(model):
-                if name is None:
-                    part = nat[off:off + module.num_params]
-                    U[off:off + module.num_params] = module._dv_matmul(part, Py[:, None])[..., 0]
-            U = model.to_free(U, free)
-            return 0.5 * state.project(U.T)
+    def natural_dv_py(self, nat, Py):
+        """Terms through their level sums ``Z̃ᵀ P y``, the residual's pieces their own."""
+        U = Py.new_zeros(nat.shape[0], self.n)
+        for t in self.terms:
+            rows = slice(t.offset, t.offset + t.num_params)
+            U[rows] = term_dv(t.block, nat[rows], t.codes, t.values, t.m, Py)
+        for name, module, off in additive_pieces(self.model):
+            if name is None:
+                rows = slice(off, off + module.num_params)
+                U[rows] = module._dv_matmul(nat[rows], Py[:, None])[..., 0]
+        return U
 
 
 def _lam_cols(lams, terms, K):
