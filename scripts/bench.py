@@ -118,7 +118,8 @@ def simulated_field(m, blocks, genotypes, seed=1):
 
 
 def subjects(oracle, name, count=None):
-    df = pd.read_csv(oracle / "data" / f"{name}.csv")
+    path = oracle / "data" / f"{name}.csv"                  # the oracle's; this repository's
+    df = pd.read_csv(path if path.exists() else path.with_suffix(".csv.gz"))   # is gzipped
     if count is not None:
         df = df[df["subject"].isin(sorted(df["subject"].unique())[:count])].reset_index(drop=True)
     from covmodules.design import fixed_design
@@ -257,6 +258,8 @@ def r_available() -> bool:
 def r_live(reference, oracle):
     """(seconds, logLik) of R's own call on the case's data, timed now."""
     path = (oracle / reference["data_file"]).resolve()
+    if not path.exists():                                      # shipped gzipped; R reads it
+        path = path.with_suffix(".csv.gz")
     with tempfile.NamedTemporaryFile("w", suffix=".R", delete=False) as f:
         f.write(R_SCRIPT % (path, reference["call"]))
     out = subprocess.run(["Rscript", f.name], capture_output=True, text=True, timeout=600)
