@@ -206,8 +206,8 @@ class AIREML:
         """Score and AI matrix at the current point, after any boundary moves (each move fixes
         or releases a parameter, and releases are limited, so the moves end)."""
         for _ in range(4 * len(self.free) + 1):
-            score = -self.objective.gradient(self.free, self.state)
             self.ai = self.objective.average_information(self.free, self.state)
+            score = -self.objective.gradient(self.free, self.state)     # may reuse AI's work
             if not (bool(torch.isfinite(score).all()) and bool(torch.isfinite(self.ai).all())):
                 return score, False
             if not self._boundary_moves(score):

@@ -5,7 +5,10 @@ the cores, a descheduled thread holds every join up, so a fit made of many short
 slows down tens of times (measured on 2 cores with two busy processes: Orthodont 0.05 s →
 2.6 s, the 40 × 40 field trial 0.35 s → 6.5 s). Work whose evaluations are small gains
 nothing from the threads anyway, so :func:`threads_for` runs it on one; under DDP,
-:func:`per_process` divides the cores between the processes of a machine.
+:func:`per_process` divides the cores between the processes of a machine. NumPy and SciPy
+bring their own BLAS, with its own threads: :func:`numpy_blas_like_torch` holds it to torch's
+count for a block (the same stalls, measured: LAPACK ``stevd`` of a 1,000 x 1,000 matrix
+0.03 s on one thread, 0.15 s on two threads of a loaded machine).
 
 >>> import torch
 >>> before = torch.get_num_threads()
@@ -18,12 +21,13 @@ True
 
 from __future__ import annotations
 
+import functools
 import os
 from contextlib import contextmanager
 
 import torch
 
-__all__ = ["SMALL_WORK", "threads_for", "per_process"]
+__all__ = ["SMALL_WORK", "threads_for", "per_process", "numpy_blas_like_torch"]
 
 #: flop-equivalents of one evaluation (a solver's ``cost``) below which a fit runs on one
 #: thread: about 0.1 s of one core, e.g. a 2,000-row dense Cholesky or InstEval's
@@ -50,3 +54,17 @@ def per_process(local_processes: int) -> int:
     """Threads for each of ``local_processes`` processes sharing this machine's cores."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return max(1, (cores or 1) // max(1, local_processes))
+
+
+@functools.lru_cache(maxsize=None)
+def _blas_controller():
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
+
+
+@contextmanager
+def numpy_blas_like_torch():
+    """Run the block with NumPy's and SciPy's BLAS on as many threads as torch uses."""
+    with _blas_controller().limit(limits=torch.get_num_threads(), user_api="blas"):
+        yield

@@ -28,7 +28,6 @@ default this repository; the shared oracle folder has the same layout).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import resource
 import shutil
@@ -36,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 import warnings
 from pathlib import Path
@@ -268,32 +268,108 @@ def r_live(reference, oracle):
 
 
 # ------------------------------------------------------------------- loss + gradient alone
-def loss_gradient(sizes=(100, 300, 1000), repeats=5):
-    """Seconds of one ML loss + gradient of ``AR1 ⊗ AR1 + σ² I``, ``y ~ 1`` (median of
-    ``repeats``; each evaluation at a new correlation, so the eigenvectors are recomputed
-    rather than reused), covmodules and, when installed, GPyTorch's exact Kronecker path."""
+GPYTORCH = textwrap.dedent("""
+    import json, statistics, sys, time
+    import torch, gpytorch
+    from linear_operator.operators import (ConstantDiagLinearOperator, DenseLinearOperator,
+                                           KroneckerProductAddedDiagLinearOperator,
+                                           KroneckerProductLinearOperator)
+    spec = json.loads(sys.argv[1])
+    torch.set_num_threads(spec["threads"])
+    y = torch.load(spec["y"])
+    m = spec["m"]
+    lag = (torch.arange(m)[:, None] - torch.arange(m)).abs().to(y.dtype)
+    losses, grads, times = [], [], []
+    for point, beta in zip(spec["points"], spec["beta"]):
+        start = time.perf_counter()
+        nat = torch.tensor(point, dtype=y.dtype, requires_grad=True)   # s_row, rho_row, rho_col, s
+        K = KroneckerProductLinearOperator(DenseLinearOperator(nat[0] * nat[1] ** lag),
+                                           DenseLinearOperator(nat[2] ** lag))
+        V = KroneckerProductAddedDiagLinearOperator(
+            K, ConstantDiagLinearOperator(nat[3:], diag_shape=m * m))
+        mean = torch.full_like(y, beta)
+        loss = -gpytorch.distributions.MultivariateNormal(mean, V).log_prob(y)
+        loss.backward()
+        times.append(time.perf_counter() - start)
+        losses.append(float(loss))
+        grads.append(nat.grad.tolist())
+    print(json.dumps({"seconds": statistics.median(times[1:]), "losses": losses,
+                      "grads": grads, "version": gpytorch.__version__}))
+""")
+LOSS_PARAMS = ["field/row/sigma^2", "field/row/rho", "field/col/rho", "nugget/sigma^2"]
+
+
+def loss_gradient(args, sizes=(100, 300, 1000), repeats=5):
+    """One ML loss + gradient of ``AR1 ⊗ AR1 + σ² I``, ``y ~ 1``, near the simulation's
+    values, each evaluation at new correlations (so every eigendecomposition is recomputed):
+    covmodules, and GPyTorch's exact Kronecker path (``KroneckerProductAddedDiagLinearOperator``
+    of a Kronecker product and a constant diagonal: per-factor eigendecompositions, autograd)
+    in its own interpreter (``--gpytorch-python``) when installed, on the same data at the same
+    points. GPyTorch evaluates the Gaussian density at the GLS mean ``b̂(θ)`` of ours (the
+    profiled ML loss equals it there and, ``b̂`` being stationary, so does its gradient), by the
+    natural parameters; the table shows the largest relative differences. Median seconds of
+    ``repeats`` after a first evaluation."""
+    from bench_crossed import run
     from covmodules.linalg import KroneckerSolver
 
-    gp = ("installed but not timed here" if importlib.util.find_spec("gpytorch")
-          else "not installed")
+    peer = Path(args.gpytorch_python).exists()
     rows = []
     for m in sizes:
         factory, y, X = simulated_field(m, 1, 1)
         model = factory()
-        solver = KroneckerSolver(model)
-        free = model.free_params().to(DTYPE)
-        k = model.free_param_names.index("field/row/rho")
-        times = []
+        model.set_params({"field/row/rho": 0.7, "field/col/rho": 0.4, "nugget/sigma^2": 0.3})
+        base = model.free_params().to(DTYPE)
+        rho = [model.free_param_names.index(n) for n in ("field/row/rho", "field/col/rho")]
+        points = []
         for i in range(repeats + 1):
-            f = free.clone()
-            f[k] += 1e-3 * (i + 1)
-            f.requires_grad_(True)
+            f = base.clone()
+            f[rho] += 1e-3 * (i + 1)
+            points.append(f)
+        solver = KroneckerSolver(model)
+        times, losses, grads = [], [], []
+        for f in points:
+            f = f.clone().requires_grad_(True)
             start = time.perf_counter()
-            solver.loss(f, y, X, "ml").backward()
+            loss = solver.loss(f, y, X, "ml")
+            loss.backward()
             times.append(time.perf_counter() - start)
-        rows.append({"grid": f"{m} x {m}", "covmodules ML loss + gradient s":
-                     f"{statistics.median(times[1:]):.3f}", "GPyTorch": gp})
+            natural = f.grad / model.trans_grad(f.detach())          # d loss / d natural
+            keep = [model.free_param_names.index(n) for n in LOSS_PARAMS]
+            losses.append(float(loss))
+            grads.append(natural[keep])
+        out = {"grid": f"{m} x {m}", "covmodules s": f"{statistics.median(times[1:]):.4f}"}
+        if peer:
+            out.update(gpytorch_row(args, run, model, points, y, X, losses, grads, times))
+        else:
+            out["GPyTorch"] = f"not installed ({args.gpytorch_python})"
+        rows.append(out)
     print(pd.DataFrame(rows).to_string(index=False))
+
+
+def gpytorch_row(args, run, model, points, y, X, losses, grads, times):
+    """GPyTorch's time at the same points, and its largest relative differences from ours."""
+    from covmodules.linalg import KroneckerSolver
+
+    fresh = KroneckerSolver(model)                   # b̂ at each point, outside the timings
+    beta = [float(fresh.state(f, y, X, "ml").beta[0]) for f in points]
+    nat = [model.build_params(f, include_fixed=False) for f in points]
+    index = [model.free_param_names.index(n) for n in LOSS_PARAMS]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "y.pt"
+        torch.save(y, path)
+        spec = {"y": str(path), "m": round(len(y) ** 0.5), "threads": args.threads,
+                "points": [v[index].tolist() for v in nat], "beta": beta}
+        peer = run([args.gpytorch_python, "-c", GPYTORCH, json.dumps(spec)], 1800)
+    if "error" in peer:
+        return {"GPyTorch s": peer["error"]}
+    theirs = statistics.median(times[1:])
+    d_loss = max(abs(a - b) / abs(b) for a, b in zip(losses, peer["losses"]))
+    d_grad = max(float(((g - torch.tensor(h, dtype=DTYPE)).abs()
+                        / torch.tensor(h, dtype=DTYPE).abs().clamp(min=1e-300)).max())
+                 for g, h in zip(grads, peer["grads"]))
+    return {f"GPyTorch {peer['version']} s": f"{peer['seconds']:.4f}",
+            "GPyTorch / covmodules": f"{peer['seconds'] / theirs:.1f}",
+            "Δ loss (rel)": f"{d_loss:.1e}", "Δ gradient (rel)": f"{d_grad:.1e}"}
 
 
 # ------------------------------------------------------------------------------------ table
@@ -304,6 +380,8 @@ def main():
     parser.add_argument("--oracle", type=Path, default=ORACLE)
     parser.add_argument("--loss", action="store_true",
                         help="time the Kronecker ML loss + gradient alone at 100², 300², 1000²")
+    parser.add_argument("--gpytorch-python", default="/tmp/gpytorch-venv/bin/python",
+                        help="GPyTorch's interpreter for --loss (skipped when absent)")
     parser.add_argument("--crossed", action="store_true",
                         help="time crossed random effects beside mixedlm and lme4")
     parser.add_argument("--worker", nargs=2, metavar=("CASE", "SOLVER"), help=argparse.SUPPRESS)
@@ -313,7 +391,7 @@ def main():
         worker(*args.worker, args.oracle)
         return
     if args.loss:
-        loss_gradient()
+        loss_gradient(args)
         return
     if args.crossed:
         subprocess.run([sys.executable, str(Path(__file__).with_name("bench_crossed.py")),

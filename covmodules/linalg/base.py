@@ -64,13 +64,24 @@ class GLSState:
     LA: torch.Tensor         # Cholesky factor of A = XᵀV⁻¹X
     beta: torch.Tensor       # GLS estimate
     rw: torch.Tensor         # F (y - X b̂)
-    Py: torch.Tensor         # V⁻¹(y - X b̂) = P y
+    py: torch.Tensor | None  # P y, or None until :attr:`Py` is first read
     neg_loglik: torch.Tensor
     method: str
 
+    @property
+    def Py(self) -> torch.Tensor:
+        """``V⁻¹(y - X b̂) = P y`` (``Fᵀ J r_w``, computed on first use: trial points of a
+        line search need only ``-l``)."""
+        if self.py is None:
+            self.py = self.factor.unwhiten(self.rw[:, None])[:, 0]
+        return self.py
+
     def project(self, U: torch.Tensor) -> torch.Tensor:
         """``Uᵀ P U`` for ``U`` of shape ``(n, k)`` (``Uᵀ V⁻¹ U`` for ML)."""
-        Uw = self.factor.whiten(U)
+        return self.project_whitened(self.factor.whiten(U))
+
+    def project_whitened(self, Uw: torch.Tensor) -> torch.Tensor:
+        """``Uᵀ P U`` from ``Uw = F U``."""
         out = self.factor.inner(Uw, Uw)
         if self.method == "reml":
             C = torch.linalg.solve_triangular(self.LA, self.factor.inner(self.Xw, Uw),
@@ -103,9 +114,7 @@ def gls(factor: Factor, y: torch.Tensor, X: torch.Tensor, method: str) -> GLSSta
         return factor.inner(rw[:, None], rw[:, None])[0, 0]
 
     est = GLSStatistics.of_whitened(factor, Xw, yw, y.shape[0]).finish(method, quadratic)
-    rw = residual["rw"]
-    Py = factor.unwhiten(rw[:, None])[:, 0]
-    return GLSState(factor, Xw, est.LA, est.beta, rw, Py, est.neg_loglik, method)
+    return GLSState(factor, Xw, est.LA, est.beta, residual["rw"], None, est.neg_loglik, method)
 
 
 def data_cotangents(state, grad, need_y: bool, need_X: bool):

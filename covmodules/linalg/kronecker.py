@@ -69,8 +69,8 @@ import torch
 from .base import (Factor, GLSState, NotPositiveDefiniteError, Solver,
                    UnsupportedStructure, gls)
 
-__all__ = ["KroneckerSolver", "KroneckerFactor", "EigenCache", "kron_matmul", "GridData",
-           "complete_grid"]
+__all__ = ["KroneckerSolver", "KroneckerFactor", "EigenCache", "kron_matmul", "mode_products",
+           "GridData", "complete_grid"]
 
 
 def kron_matmul(Qs, B: torch.Tensor) -> torch.Tensor:
@@ -94,6 +94,24 @@ def kron_matmul(Qs, B: torch.Tensor) -> torch.Tensor:
     return T.reshape(k, N).T
 
 
+def mode_products(M: torch.Tensor, T: torch.Tensor, i: int) -> torch.Tensor:
+    """``[M_j ×_i T]_j``: each of the ``(k, n_i, n_i)`` matrices ``M`` applied along axis ``i``
+    of the grid array ``T`` (``n_1 x ... x n_d``), flattened to ``(k, N)``; ``2 k N n_i``
+    flops.
+
+    >>> A, B = torch.randn(3, 3, dtype=torch.float64), torch.randn(2, 2, dtype=torch.float64)
+    >>> M, T = torch.randn(4, 2, 2, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64)
+    >>> torch.allclose(mode_products(M, T, 1)[1], torch.kron(torch.eye(3), M[1]) @ T.reshape(-1))
+    True
+    """
+    k, n_i, N = M.shape[0], T.shape[i], T.numel()
+    pre, post = math.prod(T.shape[:i]), math.prod(T.shape[i + 1:])
+    if post == 1:                                                 # last axis: one GEMM
+        out = T.reshape(pre, n_i) @ M.reshape(k * n_i, n_i).T
+        return out.reshape(pre, k, n_i).transpose(0, 1).reshape(k, N)
+    return torch.matmul(M[:, None], T.reshape(pre, n_i, post)).reshape(k, N)
+
+
 class EigenCache:
     """The last eigendecomposition of each factor, and data rotated by those eigenvectors.
 
@@ -104,7 +122,8 @@ class EigenCache:
     def __init__(self):
         self.eig, self.rotations, self.basis = {}, [], None
 
-    def eigh(self, i: int, M: torch.Tensor):
+    def eigh(self, i: int, M: torch.Tensor, decompose=torch.linalg.eigh):
+        """``(λ, Q)`` of factor ``i``'s value ``M``: ``decompose(M)`` unless cached."""
         hit = self.eig.get(i)
         if hit is not None and hit[0].shape == M.shape:
             M0, lam, Q = hit
@@ -112,7 +131,7 @@ class EigenCache:
             level = 16 * torch.finfo(M.dtype).eps * float(M.abs().max())
             if float(c) > 0 and float((M - c * M0).abs().max()) <= level:
                 return lam * c, Q
-        lam, Q = torch.linalg.eigh(M)
+        lam, Q = decompose(M)
         self.eig[i] = (M, lam, Q)
         return lam, Q
 
@@ -141,15 +160,18 @@ class KroneckerFactor(Factor):
     """``V = Q D Qᵀ``, ``Q = Q_1 ⊗ ... ⊗ Q_d``, ``D = λ_1 ∘ ... ∘ λ_d + s``; ``F = D^{-1/2} Qᵀ``.
 
     ``factors``: the square ``A_i``; ``cache``: an :class:`EigenCache` to reuse, and ``data``
-    the tensors (``y``, ``X``) whose rotations it remembers.
+    the tensors (``y``, ``X``) whose rotations it remembers; ``eigh``: ``(i, A_i) → (λ, Q)``
+    (by default ``torch.linalg.eigh``).
     """
 
-    def __init__(self, factors, s, cache: EigenCache | None = None, data=()):
+    def __init__(self, factors, s, cache: EigenCache | None = None, data=(), eigh=None):
         if not all(bool(torch.isfinite(A).all()) for A in factors):
             raise NotPositiveDefiniteError("a Kronecker factor is not finite at these "
                                            "parameters; try other start values")
         self.cache, self.data = cache, {_storage_key(t) for t in data}
-        pairs = [cache.eigh(i, A) if cache is not None else torch.linalg.eigh(A)
+        self.derivatives = None        # KroneckerSolver.eigen_derivatives at one point
+        eigh = eigh or (lambda i, A: torch.linalg.eigh(A))
+        pairs = [cache.eigh(i, A, lambda M, i=i: eigh(i, M)) if cache is not None else eigh(i, A)
                  for i, A in enumerate(factors)]
         self.lams, self.Qs = [p[0] for p in pairs], [p[1] for p in pairs]
         self.sizes = tuple(A.shape[0] for A in factors)
@@ -184,9 +206,10 @@ class KroneckerFactor(Factor):
         """``Qᵀ B``: columns in the eigenbasis (the input of :meth:`cotangents`)."""
         return kron_matmul([Q.T for Q in self.Qs], B)
 
-    def cotangents(self, W: torch.Tensor):
+    def cotangents(self, W: torch.Tensor, eigenbasis: bool = False):
         """``([Ā_1, ..., Ā_d], t)`` of ``Ḡ = ½ Q (D⁻¹ - W Wᵀ) Qᵀ`` for eigenbasis columns ``W``
-        ``(N, c)`` (module docstring): ``Ā_i`` in the original basis, ``t = tr Ḡ``."""
+        ``(N, c)`` (module docstring): ``Ā_i`` in the original basis (``Q_iᵀ Ā_i Q_i`` with
+        ``eigenbasis``), ``t = tr Ḡ``."""
         d, c = len(self.sizes), W.shape[1]
         Wt = W.T.reshape(c, *self.sizes)
         Dinv = 1 / self.D
@@ -198,7 +221,7 @@ class KroneckerFactor(Factor):
             U = Wt.movedim(i + 1, 0)                             # (n_i, c, other axes)
             weighted = (U * other.movedim(i, 0)[:, None]).reshape(n_i, -1)
             G = torch.diag(diag) - weighted @ U.reshape(n_i, -1).T
-            grads.append(0.5 * (Q @ G @ Q.T))
+            grads.append(0.5 * G if eigenbasis else 0.5 * (Q @ G @ Q.T))
         return grads, 0.5 * (Dinv.sum() - (W * W).sum())
 
 
@@ -223,7 +246,8 @@ class KroneckerSolver(Solver):
 
     def factorize(self, nat, data=()):
         factors, s = self.view.values(nat)
-        return KroneckerFactor(factors, s, self.cache, data)
+        return KroneckerFactor(factors, s, self.cache, data,
+                               lambda i, A: self.view.eigh(nat, i, A))
 
     def state(self, free, y, X, method) -> GLSState:
         """:meth:`Solver.state` with the rotations of ``y`` and ``X`` remembered."""
@@ -232,13 +256,73 @@ class KroneckerSolver(Solver):
             y, X = y.to(nat.dtype), X.to(nat.dtype)
             return gls(self.factorize(nat, (y, X)), y, X, method)
 
+    def eigen_derivatives(self, nat, factor: KroneckerFactor):
+        """``([(rows, M_i)], ds)``: ``M_i[j] = Q_iᵀ ∂A_i/∂θ_k Q_i`` for the free parameters
+        ``k = rows[j]`` of factor ``i`` (``n_i³`` each) and ``ds = [∂s/∂θ_k]_k`` over all;
+        remembered on ``factor`` for the gradient and AI matrix at one point."""
+        memo = factor.derivatives
+        if memo is not None and torch.equal(memo[0], nat):
+            return memo[1], memo[2]
+        free = torch.zeros(len(nat), dtype=torch.bool, device=nat.device)
+        free[self.model._free_index_tensor(nat.device)] = True
+        parts = []
+        for i, Q in enumerate(factor.Qs):
+            start, dA = self.view.dv(nat, i, Q)                          # ∂A_i/∂θ Q_i
+            rows = torch.arange(start, start + len(dA), device=nat.device)
+            keep = free[rows]
+            parts.append((rows[keep], torch.matmul(Q.T, dA[keep])))
+        zeros = [torch.zeros(n, n, dtype=nat.dtype, device=nat.device) for n in factor.sizes]
+        ds = self.view.vjp(nat, zeros, torch.ones((), dtype=nat.dtype, device=nat.device))
+        factor.derivatives = (nat, parts, ds)
+        return parts, ds
+
+    def average_information(self, free, state: GLSState) -> torch.Tensor:
+        """``½ Uᵀ P U`` in the eigenbasis: ``Qᵀ ∂V/∂θ_k Q`` is ``Λ_1 ⊗ .. Q_iᵀ ∂A_i Q_i .. ⊗ Λ_d``
+        (``∂s/∂θ_k I`` for the nugget), applied to ``Qᵀ P y``: ``n_i³ + N n_i`` per
+        parameter of factor ``i``, no pass of ``Q`` over the data."""
+        with torch.no_grad():
+            nat, f = self.model.build_params(free), state.factor
+            parts, ds = self.eigen_derivatives(nat, f)
+            p = (state.rw / f.root[:, 0]).reshape(f.sizes)              # Qᵀ P y on the grid
+            columns = {}                                                 # k: Qᵀ ∂V/∂θ_k P y
+            for i, (rows, M) in enumerate(parts):
+                columns.update(zip(rows.tolist(), mode_products(M, p * f.product(skip=i), i)))
+            p = p.reshape(-1)
+            U = [(columns[k] + ds[k] * p if k in columns else ds[k] * p) * d
+                 for k, d in zip(self.model._free_index_tensor(p.device).tolist(),
+                                 self.model.trans_grad(free))]
+            if not U:
+                return p.new_zeros(0, 0)
+            return 0.5 * state.project_whitened(torch.stack(U, 1) / f.root)
+
+    def gradient(self, free, state: GLSState) -> torch.Tensor:
+        """:meth:`Solver.gradient`; after :meth:`average_information` at the same point, from
+        its eigenbasis derivatives: ``⟨Ḡ, ∂V/∂θ_k⟩ = ⟨G_i, Q_iᵀ ∂A_i/∂θ_k Q_i⟩ + t ∂s/∂θ_k``
+        with ``G_i`` the eigenbasis cotangents, no rotation back nor the factors' ``_vjp``."""
+        with torch.no_grad():
+            free = None if free is None else free.detach()
+            nat, f = self.model.build_params(free), state.factor
+            if f.derivatives is None or not torch.equal(f.derivatives[0], nat):
+                return super().gradient(free, state)
+            parts, ds = self.eigen_derivatives(nat, f)
+            grads, trace = f.cotangents(self._columns(state), eigenbasis=True)
+            g = trace * ds
+            for G, (rows, M) in zip(grads, parts):
+                g[rows] += (M * G).sum((1, 2))
+            return self.model.to_free(g, free)
+
     def natural_gradient(self, nat, state: GLSState):
+        grads, trace = state.factor.cotangents(self._columns(state))
+        return self.view.vjp(nat, grads, trace)
+
+    @staticmethod
+    def _columns(state: GLSState) -> torch.Tensor:
+        """The eigenbasis columns ``W`` of the cotangent ``½(D⁻¹ - W Wᵀ)`` (module docstring)."""
         f = state.factor
         W = state.rw[:, None] / f.root
         if state.method == "reml":
             W = torch.cat([W, state.low_rank_x() / f.root], 1)
-        grads, trace = f.cotangents(W)
-        return self.view.vjp(nat, grads, trace)
+        return W
 
 
 @dataclass(frozen=True)

@@ -79,4 +79,12 @@ class Sum(Operator):
                               else view.trace_vjp(part, trace, n)
                               for i, (view, part) in enumerate(zip(views, self._split(nat)))])
 
-        return KroneckerView(kron.sizes, values, vjp, nugget=True)
+        def dv(nat, i, W):
+            parts = self._split(nat)
+            start, D = kron.dv(parts[k], i, W)
+            return start + sum(part.numel() for part in parts[:k]), D
+
+        def eigh(nat, i, A):
+            return kron.eigh(self._split(nat)[k], i, A)
+
+        return KroneckerView(kron.sizes, values, vjp, dv, eigh, nugget=True)
