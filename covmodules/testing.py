@@ -9,7 +9,9 @@ every structure and operator (as ``gpytorch.test`` ships GPyTorch's):
 - ``dV(w)`` equals ``J @ w`` for a vector and a matrix ``w``;
 - ``_dv_matmul(..., transpose=True)`` equals ``Jᵀ @ W`` and ``_vjp(G)`` equals
   ``[<G, dV/dθ_k>]_k``;
-- ``torch.autograd.gradcheck`` passes through the module's forward (its closed-form backward).
+- ``torch.autograd.gradcheck`` passes through the module's forward (its closed-form backward);
+- a symmetric module's ``_eigh`` (the Kronecker solver's factors) is an orthonormal
+  eigendecomposition of its value.
 
 Example: a new structure ``σ² diag(1, 2, ..., n)`` passes; one whose Jacobian is wrong fails::
 
@@ -92,6 +94,7 @@ def check_gradients(module: CovarianceModule, points=None, gradcheck: bool = Tru
                  torch.einsum("kij,ij->k", full_J, G))):
             torch.testing.assert_close(got, expected, rtol=TOL, atol=TOL,
                                        msg=lambda m, what=what: f"{what} at point {i}: {m}")
+        _check_eigh(module, nat, i)
     if gradcheck:
         for p in points[:3]:
             x = p.clone().requires_grad_(True)
@@ -149,6 +152,21 @@ def check_solver(model, y: torch.Tensor, X: torch.Tensor, name: str, free=None,
         for term in model.term_names:
             same(torch.tensor(blups[0][term].to_numpy()),
                  torch.tensor(blups[1][term].to_numpy()), f"BLUP of {term}")
+
+
+def _check_eigh(module, nat, i) -> None:
+    V = module._evaluate(nat).detach()
+    if V.shape[0] != V.shape[1] or not torch.equal(V, V.T):
+        return
+    lam, Q = module._eigh(nat, V)
+    scale = max(float(V.abs().max()), 1e-300)
+    eye = torch.eye(V.shape[0], dtype=V.dtype, device=V.device)
+    for what, got, expected, tol in (("_eigh's eigenvectors are not orthonormal", Q.T @ Q, eye,
+                                      TOL),
+                                     ("_eigh does not reconstruct the matrix",
+                                      (Q * lam) @ Q.T, V, TOL * scale)):
+        torch.testing.assert_close(got, expected, rtol=0, atol=tol,
+                                   msg=lambda m, what=what: f"{what} at point {i}: {m}")
 
 
 def _require(condition: bool, message: str) -> None:

@@ -9,9 +9,9 @@ import torch
 from covmodules import (AR1Matrix, CompoundSymmetricMatrix, CovariancePropagation,
                         IdentityMatrix, KroneckerProduct, ScalarMatrix, Sum, UnconstrainedMatrix)
 from covmodules.linalg import DenseSolver, KroneckerSolver, identify
-from covmodules.linalg.kronecker import kron_matmul
+from covmodules.linalg.kronecker import kron_matmul, mode_products
 
-from test_solvers import assert_rel, check_equals_dense, data, gen, randn
+from test_solvers import KRONECKER_MODELS, assert_rel, check_equals_dense, data, gen, randn
 
 DTYPE = torch.float64
 
@@ -44,6 +44,22 @@ def test_three_or_more_factors_equal_dense(key, method):
     check_equals_dense(model, y, X, "kronecker", method=method)
 
 
+@pytest.mark.parametrize("key", list(THREE_FACTORS) + list(KRONECKER_MODELS))
+@pytest.mark.parametrize("method", ["reml", "ml"])
+def test_gradient_after_the_ai_matrix_equals_dense(key, method):
+    """After the AI matrix the gradient comes from its eigenbasis derivatives
+    (``Q_iᵀ ∂A_i Q_i``) instead of the factors' ``_vjp``: both equal the dense path."""
+    model = identified({**THREE_FACTORS, **KRONECKER_MODELS}[key]())
+    y, X = data(model.shape[0])
+    solver, dense = KroneckerSolver(model), DenseSolver(model)
+    free = 0.5 * randn(model.num_free_params, g=gen(3))
+    s, d = solver.state(free, y, X, method), dense.state(free, y, X, method)
+    assert_rel(solver.average_information(free, s), dense.average_information(free, d),
+               "AI matrix")
+    assert s.factor.derivatives is not None
+    assert_rel(solver.gradient(free, s), dense.gradient(free, d), "gradient")
+
+
 def test_kron_matmul_equals_dense_kronecker_product():
     g = gen(1)
     for sizes in [(3, 4), (2, 3, 4), (5,), (2, 1, 3, 2)]:
@@ -54,6 +70,20 @@ def test_kron_matmul_equals_dense_kronecker_product():
         for k in (1, 3):
             B = randn(dense.shape[0], k, g=g)
             assert_rel(kron_matmul(Qs, B), dense @ B, f"kron_matmul {sizes}, k = {k}")
+
+
+def test_mode_products_equal_dense_kronecker_products():
+    g = gen(4)
+    for sizes in [(3, 4), (2, 3, 4), (5,), (2, 1, 3)]:
+        T = randn(*sizes, g=g)
+        for i, n in enumerate(sizes):
+            M = randn(2, n, n, g=g)
+            for j in range(2):
+                dense = torch.ones(1, 1, dtype=DTYPE)
+                for a, size in enumerate(sizes):
+                    dense = torch.kron(dense, M[j] if a == i else torch.eye(size, dtype=DTYPE))
+                assert_rel(mode_products(M, T, i)[j], dense @ T.reshape(-1),
+                           f"mode_products {sizes}, axis {i}")
 
 
 def test_variance_moves_reuse_eigenvectors_and_equal_dense():
@@ -108,3 +138,7 @@ def test_three_factor_missing_cells_equal_dense_on_observed_cells():
     assert_rel(state.beta[:2], ref.beta, "BLUE")
     assert_rel(state.Py[cells], ref.Py, "P y")
     assert float(state.Py[missing].abs().max()) < 1e-12
+    assert_rel(solver.average_information(free, state), observed.average_information(free, ref),
+               "AI matrix")
+    assert_rel(solver.gradient(free, state), observed.gradient(free, ref),
+               "gradient after the AI matrix")

@@ -128,6 +128,8 @@ def test_kronecker_missing_plots_equal_dense_on_observed_plots():
     J = model.manual_grad(free)[0][:, cells][:, :, cells]
     ai_ref = 0.5 * ref.project((J @ ref.Py).T)
     assert_rel(solver.average_information(free, state), ai_ref, "AI matrix")
+    assert state.factor.derivatives is not None          # the gradient reuses the AI's work
+    assert_rel(solver.gradient(free, state), grad, "gradient after the AI matrix")
 
 
 def test_complete_grid_orders_rows_and_checks_cells():

@@ -132,6 +132,22 @@ def test_ar1_value():
         torch.testing.assert_close(m(p), expected, rtol=1e-13, atol=1e-14)
 
 
+@pytest.mark.parametrize("n", [1, 2, 7, 60])
+@pytest.mark.parametrize("rho", [-0.999, 0.0, 0.5, 0.9999])
+def test_ar1_eigh_from_its_tridiagonal_inverse_equals_dense(n, rho):
+    """AR(1)'s eigendecomposition (eigenvectors of its tridiagonal inverse, Rayleigh quotients)
+    equals LAPACK's dense one, near ρ = ±1 too."""
+    m = AR1Matrix(n)
+    natural = torch.tensor([2.5, rho], dtype=DTYPE)
+    V = m._evaluate(natural)
+    lam, Q = m._eigh(natural, V)
+    scale = float(V.abs().max())
+    torch.testing.assert_close(lam.sort().values, torch.linalg.eigvalsh(V), rtol=0,
+                               atol=1e-12 * scale)
+    torch.testing.assert_close(Q.T @ Q, torch.eye(n, dtype=DTYPE), rtol=0, atol=1e-12)
+    torch.testing.assert_close((Q * lam) @ Q.T, V, rtol=0, atol=1e-12 * scale)
+
+
 def test_diagonal_value():
     m = DiagonalMatrix(3)
     p = torch.tensor([0.0, 0.5, -1.0], dtype=DTYPE)
