@@ -69,9 +69,9 @@ class KroneckerView:
             parameters. For a cotangent ``Ḡ`` of ``V``, ``Ā_i`` is ``Ḡ`` contracted with every
             other factor over its axes (what :class:`~covmodules.KroneckerProduct` hands its
             operands) and ``t = tr Ḡ``.
-        dv: ``(nat, i, W)`` → ``(start, D)``, ``D[j] = ∂A_i/∂θ_{start + j} W`` for the
-            parameters ``nat[start:start + len(D)]`` that factor ``i`` depends on (``W``
-            ``n_i x r``; the average-information matrix in the eigenbasis).
+        jacobian: ``(nat, i)`` → ``(start, J)``, ``J[j] = ∂A_i/∂θ_{start + j}`` (``n_i x n_i``)
+            for the parameters ``nat[start:start + len(J)]`` that factor ``i`` depends on (the
+            average-information matrix in the eigenbasis).
         eigh: ``(nat, i, A_i)`` → ``(λ, Q)``, the eigendecomposition of factor ``i`` from its
             value ``A_i`` (the factor module's :meth:`~covmodules.CovarianceModule._eigh`).
         nugget: whether ``s`` can be nonzero (a product nested in a larger product must
@@ -81,7 +81,7 @@ class KroneckerView:
     sizes: tuple[int, ...]
     values: Callable[[torch.Tensor], tuple]
     vjp: Callable[..., torch.Tensor]
-    dv: Callable[..., tuple]
+    jacobian: Callable[..., tuple]
     eigh: Callable[..., tuple]
     nugget: bool = False
 

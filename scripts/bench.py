@@ -335,7 +335,7 @@ def loss_gradient(args, sizes=(100, 300, 1000), repeats=5):
             times.append(time.perf_counter() - start)
             natural = f.grad / model.trans_grad(f.detach())          # d loss / d natural
             keep = [model.free_param_names.index(n) for n in LOSS_PARAMS]
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             grads.append(natural[keep])
         out = {"grid": f"{m} x {m}", "covmodules s": f"{statistics.median(times[1:]):.4f}"}
         if peer:

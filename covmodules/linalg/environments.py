@@ -65,8 +65,10 @@ class _Block:
 
     def factor(self, nat):
         if self.kind == "kron":
-            factors, s = self.view.values(nat[self.params])
-            return KroneckerFactor(factors, s, self.cache)
+            part = nat[self.params]
+            factors, s = self.view.values(part)
+            return KroneckerFactor(factors, s, self.cache,
+                                   eigh=lambda i, A: self.view.eigh(part, i, A))
         d = self.view.values(nat[self.params])
         size = self.rows.stop - self.rows.start
         return DiagonalFactor(d if d.shape[0] == size else d[self.rows])

@@ -174,6 +174,7 @@ class KroneckerFactor(Factor):
         pairs = [cache.eigh(i, A, lambda M, i=i: eigh(i, M)) if cache is not None else eigh(i, A)
                  for i, A in enumerate(factors)]
         self.lams, self.Qs = [p[0] for p in pairs], [p[1] for p in pairs]
+        self.factors = factors
         self.sizes = tuple(A.shape[0] for A in factors)
         self.D = self.product() + s
         if not bool((self.D > 0).all()) or not bool(torch.isfinite(self.D).all()):
@@ -257,20 +258,25 @@ class KroneckerSolver(Solver):
             return gls(self.factorize(nat, (y, X)), y, X, method)
 
     def eigen_derivatives(self, nat, factor: KroneckerFactor):
-        """``([(rows, M_i)], ds)``: ``M_i[j] = Q_iᵀ ∂A_i/∂θ_k Q_i`` for the free parameters
-        ``k = rows[j]`` of factor ``i`` (``n_i³`` each) and ``ds = [∂s/∂θ_k]_k`` over all;
-        remembered on ``factor`` for the gradient and AI matrix at one point."""
+        """``([(rows, M_i, scaled, c_i)], ds)``: ``M_i[j] = Q_iᵀ ∂A_i/∂θ_k Q_i`` for the free
+        parameters ``k = rows[j]`` of factor ``i`` (``n_i³`` each), except those that only scale
+        it, ``∂A_i/∂θ_k = c A_i`` (a variance): ``k = scaled[j]``, ``Q_iᵀ ∂A_i/∂θ_k Q_i =
+        c_i[j] Λ_i``; ``ds = [∂s/∂θ_k]_k`` over all. Remembered on ``factor`` for the
+        gradient and AI matrix at one point."""
         memo = factor.derivatives
         if memo is not None and torch.equal(memo[0], nat):
             return memo[1], memo[2]
         free = torch.zeros(len(nat), dtype=torch.bool, device=nat.device)
         free[self.model._free_index_tensor(nat.device)] = True
         parts = []
-        for i, Q in enumerate(factor.Qs):
-            start, dA = self.view.dv(nat, i, Q)                          # ∂A_i/∂θ Q_i
-            rows = torch.arange(start, start + len(dA), device=nat.device)
-            keep = free[rows]
-            parts.append((rows[keep], torch.matmul(Q.T, dA[keep])))
+        for i, (Q, A) in enumerate(zip(factor.Qs, factor.factors)):
+            start, J = self.view.jacobian(nat, i)                        # ∂A_i/∂θ
+            rows = torch.arange(start, start + len(J), device=nat.device)
+            J, rows = J[free[rows]], rows[free[rows]]
+            c = (J * A).sum((1, 2)) / (A * A).sum().clamp(min=torch.finfo(A.dtype).tiny)
+            scale = (J - c[:, None, None] * A).abs().amax((1, 2)) <= 1e-10 * J.abs().amax((1, 2))
+            M = torch.matmul(Q.T, torch.matmul(J[~scale], Q))
+            parts.append((rows[~scale], M, rows[scale], c[scale]))
         zeros = [torch.zeros(n, n, dtype=nat.dtype, device=nat.device) for n in factor.sizes]
         ds = self.view.vjp(nat, zeros, torch.ones((), dtype=nat.dtype, device=nat.device))
         factor.derivatives = (nat, parts, ds)
@@ -284,9 +290,10 @@ class KroneckerSolver(Solver):
             nat, f = self.model.build_params(free), state.factor
             parts, ds = self.eigen_derivatives(nat, f)
             p = (state.rw / f.root[:, 0]).reshape(f.sizes)              # Qᵀ P y on the grid
-            columns = {}                                                 # k: Qᵀ ∂V/∂θ_k P y
-            for i, (rows, M) in enumerate(parts):
+            columns, whole = {}, (f.product() * p).reshape(-1)          # k: Qᵀ ∂V/∂θ_k P y
+            for i, (rows, M, scaled, c) in enumerate(parts):
                 columns.update(zip(rows.tolist(), mode_products(M, p * f.product(skip=i), i)))
+                columns.update((k, ck * whole) for k, ck in zip(scaled.tolist(), c))
             p = p.reshape(-1)
             U = [(columns[k] + ds[k] * p if k in columns else ds[k] * p) * d
                  for k, d in zip(self.model._free_index_tensor(p.device).tolist(),
@@ -307,8 +314,9 @@ class KroneckerSolver(Solver):
             parts, ds = self.eigen_derivatives(nat, f)
             grads, trace = f.cotangents(self._columns(state), eigenbasis=True)
             g = trace * ds
-            for G, (rows, M) in zip(grads, parts):
+            for G, lam, (rows, M, scaled, c) in zip(grads, f.lams, parts):
                 g[rows] += (M * G).sum((1, 2))
+                g[scaled] += c * (G.diagonal() * lam).sum()
             return self.model.to_free(g, free)
 
     def natural_gradient(self, nat, state: GLSState):

@@ -99,18 +99,19 @@ class KroneckerProduct(Operator):
             na, nb = self._split(nat)
             return torch.cat([parts[0].vjp(na, grads[:d], 0.0), parts[1].vjp(nb, grads[d:], 0.0)])
 
-        def dv(nat, i, W):
+        def jacobian(nat, i):
             na, nb = self._split(nat)
             if i < d:
-                return parts[0].dv(na, i, W)
-            start, D = parts[1].dv(nb, i - d, W)
-            return start + na.numel(), D
+                return parts[0].jacobian(na, i)
+            start, J = parts[1].jacobian(nb, i - d)
+            return start + na.numel(), J
 
         def eigh(nat, i, A):
             na, nb = self._split(nat)
             return parts[0].eigh(na, i, A) if i < d else parts[1].eigh(nb, i - d, A)
 
-        return KroneckerView(parts[0].sizes + parts[1].sizes, values, vjp, dv, eigh)
+        return KroneckerView(parts[0].sizes + parts[1].sizes, values, vjp, jacobian,
+                             eigh)
 
     def repeated_block_view(self):
         """``I_L ⊗ S`` when the first factor is the identity: the block is ``S``, whose
@@ -129,5 +130,5 @@ def _factor_view(op):
         return None
     return KroneckerView((op.shape[0],), lambda nat: ((op._evaluate(nat),), 0.0),
                          lambda nat, grads, trace: op._vjp(nat, grads[0]),
-                         lambda nat, i, W: (0, op._dv_matmul(nat, W)),
+                         lambda nat, i: (0, op._jacobian(nat)),
                          lambda nat, i, A: op._eigh(nat, A))

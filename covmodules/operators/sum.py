@@ -79,12 +79,12 @@ class Sum(Operator):
                               else view.trace_vjp(part, trace, n)
                               for i, (view, part) in enumerate(zip(views, self._split(nat)))])
 
-        def dv(nat, i, W):
+        def jacobian(nat, i):
             parts = self._split(nat)
-            start, D = kron.dv(parts[k], i, W)
-            return start + sum(part.numel() for part in parts[:k]), D
+            start, J = kron.jacobian(parts[k], i)
+            return start + sum(part.numel() for part in parts[:k]), J
 
         def eigh(nat, i, A):
             return kron.eigh(self._split(nat)[k], i, A)
 
-        return KroneckerView(kron.sizes, values, vjp, dv, eigh, nugget=True)
+        return KroneckerView(kron.sizes, values, vjp, jacobian, eigh, nugget=True)

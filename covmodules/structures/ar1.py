@@ -8,6 +8,19 @@ from ..transforms import ExpPow2, correlation
 from ..validation import check_size
 
 
+def toeplitz(c: torch.Tensor) -> torch.Tensor:
+    """The symmetric Toeplitz matrix ``T_ij = c_|i-j|`` (one copy of ``n²`` values: ``n``
+    powers of ``ρ`` instead of ``n²``).
+
+    >>> toeplitz(torch.tensor([1.0, 2.0, 3.0]))
+    tensor([[1., 2., 3.],
+            [2., 1., 2.],
+            [3., 2., 1.]])
+    """
+    n = c.shape[0]
+    return torch.cat([c.flip(0), c[1:]]).unfold(0, n, 1).flip(1)    # [i, j] = c[|i - j|]
+
+
 class AR1Matrix(Structure):
     r"""AR(1) covariance :math:`V_{ij} = \sigma^2 \rho^{|i-j|}`.
 
@@ -33,19 +46,14 @@ class AR1Matrix(Structure):
     def shape(self):
         return (self.n, self.n)
 
-    def _lags(self, device) -> torch.Tensor:
-        """``|i - j|`` as indices (``R = ρ^{0..n-1}[lags]``: ``n`` powers, not ``n²``)."""
-        i = torch.arange(self.n, device=device)
-        return (i[:, None] - i[None, :]).abs()
-
     def _correlation_and_derivative(self, rho):
         k = torch.arange(self.n, dtype=rho.dtype, device=rho.device)
-        lags = self._lags(rho.device)
-        return torch.pow(rho, k)[lags], (k * torch.pow(rho, (k - 1).clamp(min=0)))[lags]
+        return (toeplitz(torch.pow(rho, k)),
+                toeplitz(k * torch.pow(rho, (k - 1).clamp(min=0))))
 
     def _evaluate(self, nat):
         k = torch.arange(self.n, dtype=nat.dtype, device=nat.device)
-        return nat[0] * torch.pow(nat[1], k)[self._lags(nat.device)]
+        return toeplitz(nat[0] * torch.pow(nat[1], k))
 
     def _jacobian(self, nat):
         R, dR = self._correlation_and_derivative(nat[1])
