@@ -108,11 +108,6 @@ class CovarianceModule(ParameterRegistry, nn.Module, abc.ABC):
         J = self._jacobian(nat)
         return (J.transpose(1, 2) if transpose else J) @ W
 
-    def _eigh(self, nat: torch.Tensor, V: torch.Tensor):
-        """``(λ, Q)`` with ``V = Q diag(λ) Qᵀ`` for ``V``, this square module's value at ``nat``
-        (the Kronecker solver's factors); a structure may override it with a cheaper one."""
-        return torch.linalg.eigh(V)
-
     # ---------------------------------------------------------------- capability views
     # Solvers read a module's structure through these views, never through its class: a new
     # structure that offers a view is used by every solver that reads it.

@@ -73,7 +73,8 @@ class KroneckerView:
             for the parameters ``nat[start:start + len(J)]`` that factor ``i`` depends on (the
             average-information matrix in the eigenbasis).
         eigh: ``(nat, i, A_i)`` → ``(λ, Q)``, the eigendecomposition of factor ``i`` from its
-            value ``A_i`` (the factor module's :meth:`~covmodules.CovarianceModule._eigh`).
+            value ``A_i``: the factor module's own ``_eigh(nat, A_i)`` where it has a cheaper
+            one (AR(1): from its tridiagonal inverse), else ``torch.linalg.eigh``.
         nugget: whether ``s`` can be nonzero (a product nested in a larger product must
             have none).
     """

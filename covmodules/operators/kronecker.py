@@ -122,13 +122,15 @@ class KroneckerProduct(Operator):
 
 def _factor_view(op):
     """``op`` as Kronecker factors: its own view when it is a product without nugget, else
-    the one square factor ``op`` (``None`` when not square)."""
+    the one square factor ``op`` (``None`` when not square), eigendecomposed by its own
+    ``_eigh`` where it has one."""
     view = op.kronecker_view()
     if view is not None and not view.nugget:
         return view
     if op.shape[0] != op.shape[1]:
         return None
+    eigh = getattr(op, "_eigh", lambda nat, A: torch.linalg.eigh(A))
     return KroneckerView((op.shape[0],), lambda nat: ((op._evaluate(nat),), 0.0),
                          lambda nat, grads, trace: op._vjp(nat, grads[0]),
                          lambda nat, i: (0, op._jacobian(nat)),
-                         lambda nat, i, A: op._eigh(nat, A))
+                         lambda nat, i, A: eigh(nat, A))
