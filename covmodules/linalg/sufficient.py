@@ -261,7 +261,7 @@ class SufficientSolver(MMESolver):
             yc, Xc = self.coefficients(y, X)
             s = gls(self.factorize(nat), yc, Xc, method, n=self.sums.n)
             fields = {name: getattr(s, name) for name in GLSState.__dataclass_fields__}
-            fields["Py"] = self.rows(s.Py[:, None])[:, 0]
+            fields["py"] = self.rows(s.Py[:, None])[:, 0]
             return SufficientState(**fields, coef=s.Py)
 
     def natural_gradient(self, nat, state: SufficientState):
