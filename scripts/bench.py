@@ -16,13 +16,16 @@ shared 2-core machine. ``--quick`` leaves out the two largest cases.
 
 Issue 16 adds the 1000 x 1000 field (target: fit < 10 s, < 2 GB) and the simulated
 20-trial multi-environment fit (its recovery of the simulated Σ and correlations in the
-table), and ``--loss``: the Kronecker ML loss + gradient alone at 100², 300² and 1000².
+table), and ``--loss``: the Kronecker ML loss + gradient alone at 100², 300² and 1000², beside
+GPyTorch's exact Kronecker path on the same data and likelihood when its interpreter is there
+(``--gpytorch-python``, default ``/tmp/gpytorch-venv/bin/python``: a separate venv with
+``pip install torch gpytorch``; run in a subprocess like mixedlm in ``bench_crossed.py``).
 Crossed random effects at scale (InstEval, 200,000 rows, 1,000,000 rows, beside mixedlm and
 lme4) are timed by ``scripts/bench_crossed.py``; ``--crossed`` runs it (its ``--quick`` set).
 
 Run: ``.venv/bin/python scripts/bench.py [--threads 1] [--quick] [--loss] [--crossed]
-[--oracle DIR]`` (``DIR``: a folder with ``data/sim_*.csv`` and the reference JSON, by
-default this repository; the shared oracle folder has the same layout).
+[--oracle DIR] [--gpytorch-python PATH]`` (``DIR``: a folder with ``data/sim_*.csv`` and the
+reference JSON, by default this repository; the shared oracle folder has the same layout).
 """
 
 from __future__ import annotations

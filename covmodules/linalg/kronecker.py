@@ -36,6 +36,14 @@ eigenvalues and ``W_c^{(i)}`` the mode-``i`` unfolding (``n_i x N/n_i``) of colu
 never differentiated, so repeated eigenvalues (identity, compound-symmetric factors) are
 harmless.
 
+**AI matrix.** ``Qᵀ ∂V/∂θ_k Q = Λ_1 ⊗ .. ⊗ M_k ⊗ .. ⊗ Λ_d`` with ``M_k = Q_iᵀ ∂A_i/∂θ_k Q_i``
+(``n_i³`` from the factor's Jacobian; ``c Λ_i`` without a product when ``∂A_i/∂θ_k = c A_i``),
+so ``U_k = Qᵀ ∂V/∂θ_k P y`` is one mode product with ``Qᵀ P y = D^{-1/2} r_w``
+(:func:`mode_products`, ``N n_i``) and ``AI = ½ Uᵀ P U`` never leaves the eigenbasis. The
+gradient at the same point then reads ``⟨Ḡ, ∂V/∂θ_k⟩ = ⟨Q_iᵀ Ā_i Q_i, M_k⟩ + s̄ ∂s/∂θ_k``
+(:meth:`KroneckerSolver.gradient`). A factor module may bring its own eigendecomposition
+(``_eigh``, e.g. AR(1)'s from its tridiagonal inverse).
+
 **Data layout.** Row ``i n + j`` of ``y`` and ``X`` is grid cell ``(i, j)``: row-major, the
 first factor indexes grid rows. :func:`complete_grid` puts plot data into that order and
 **completes the grid** where plots are missing: each missing cell gets ``y = 0`` and its own
@@ -99,7 +107,6 @@ def mode_products(M: torch.Tensor, T: torch.Tensor, i: int) -> torch.Tensor:
     of the grid array ``T`` (``n_1 x ... x n_d``), flattened to ``(k, N)``; ``2 k N n_i``
     flops.
 
-    >>> A, B = torch.randn(3, 3, dtype=torch.float64), torch.randn(2, 2, dtype=torch.float64)
     >>> M, T = torch.randn(4, 2, 2, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64)
     >>> torch.allclose(mode_products(M, T, 1)[1], torch.kron(torch.eye(3), M[1]) @ T.reshape(-1))
     True
