@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from ..capabilities import DiagonalView
-from ..operators.grouped import Grouped
+from ..operators.grouped import Grouped, grouped_dv_matmul
 from .base import (Factor, GLSState, Solver, UnsupportedStructure, additive_pieces,
                    term_dv)
 from .dense import cholesky
@@ -109,9 +109,33 @@ class GroupedSolver(Solver):
 
     def __init__(self, model):
         super().__init__(model)
-        self.n = model.shape[0]
-        self.pieces = [self._piece(model, name, module, off)
-                       for name, module, off in additive_pieces(model)]
+        self._arrange(model.shape[0], [self._piece(model, name, module, off)
+                                       for name, module, off in additive_pieces(model)])
+
+    @classmethod
+    def within_groups(cls, model, within, codes, positions, nugget=None) -> "GroupedSolver":
+        """The solver of ``Grouped(within, codes, positions)`` (``+ nugget``, a module with a
+        constant diagonal view: ``σ² I`` of any size) without building that model, for the
+        flat parameters of ``model``: ``within``'s, then ``nugget``'s (e.g.
+        ``Sum(within=within, nugget=ScalarMatrix(T))``; ``model`` maps free to natural
+        parameters and is not evaluated). ``codes`` and ``positions`` are long tensors."""
+        view = None if nugget is None else nugget.diagonal_view()
+        if nugget is not None and (view is None or not view.constant):
+            raise UnsupportedStructure(f"the nugget {type(nugget).__name__} is not a constant "
+                                       "diagonal")
+        if model.num_params != within.num_params + (0 if nugget is None else nugget.num_params):
+            raise ValueError("model's parameters must be within's, then the nugget's")
+        pieces = [_Piece("grouped", within, 0, within, codes=codes, index=positions)]
+        if nugget is not None:
+            pieces.append(_Piece("diagonal", nugget, within.num_params, diagonal=view))
+        solver = cls.__new__(cls)
+        Solver.__init__(solver, model)
+        solver._arrange(codes.shape[0], pieces)
+        return solver
+
+    def _arrange(self, n: int, pieces: list[_Piece]) -> None:
+        """Group the ``n`` rows of ``pieces`` into buckets of equal-size groups."""
+        self.n, self.pieces = n, pieces
         groups = self._grouping([p for p in self.pieces if p.codes is not None])
         sizes = torch.bincount(groups)
         order = torch.argsort(groups, stable=True)
@@ -288,6 +312,8 @@ class GroupedSolver(Solver):
             if p.kind == "term":
                 U[rows] = term_dv(p.inner, part, p.codes.clamp(min=0), p.values,
                                   p.module.shape[0] // p.values.shape[1], Py)
+            elif p.kind == "grouped":
+                U[rows] = grouped_dv_matmul(p.inner, part, p.codes, p.index, Py[:, None])[..., 0]
             else:
                 U[rows] = p.module._dv_matmul(part, Py[:, None])[..., 0]
         return U
