@@ -89,6 +89,8 @@ class GroupedFactor(Factor):
 
     def whiten(self, B):
         k = B.shape[1]
+        if k == 0:
+            return B.new_zeros(self.n, 0)
         return torch.cat([torch.linalg.solve_triangular(L, B[idx], upper=False)
                           .reshape(idx.numel(), k) for idx, L in zip(self.buckets, self.L)])
 
@@ -176,13 +178,18 @@ class GroupedSolver(Solver):
         n = self.n
         if not pieces:
             return torch.arange(n)
-        counts = [torch.unique(p.codes[p.codes >= 0]).numel() for p in pieces]
-        codes = pieces[counts.index(min(counts))].codes.clone()
+        coarsest = pieces[0]
+        if len(pieces) > 1:
+            counts = [torch.unique(p.codes[p.codes >= 0]).numel() for p in pieces]
+            coarsest = pieces[counts.index(min(counts))]
+        codes = coarsest.codes.clone()
         loose = codes < 0
         codes[loose] = int(codes.max()) + 1 + torch.arange(int(loose.sum()), device=codes.device)
         groups = torch.unique(codes, return_inverse=True)[1]
         num = int(groups.max()) + 1
         for p in pieces:
+            if p is coarsest:               # its blocks are the groups
+                continue
             defined = p.codes >= 0
             c, g = p.codes[defined], groups[defined]
             blocks = torch.unique(c).numel()
@@ -260,6 +267,7 @@ class GroupedSolver(Solver):
         f, Py = state.factor, state.Py
         W = f.unwhiten(state.low_rank_x()) if state.method == "reml" else None
         diag, trace = Py.new_zeros(self.n), nat.new_zeros(())
+        varying = any(p.diagonal is not None and not p.diagonal.constant for p in self.pieces)
         acc = {i: nat.new_zeros(p.inner.shape) for i, p in enumerate(self.pieces)
                if p.kind != "diagonal"}
         for idx, L, rows, full in zip(self.buckets, f.L, self.blocks, self.full):
@@ -278,7 +286,8 @@ class GroupedSolver(Solver):
                 if W is not None:
                     G -= Wg @ Wg.transpose(1, 2)
                 G *= 0.5
-                diag[idx] = G.diagonal(dim1=1, dim2=2)
+                if varying:
+                    diag[idx] = G.diagonal(dim1=1, dim2=2)
             for i, p in enumerate(self.pieces):
                 b = rows[i]
                 if b is None:
