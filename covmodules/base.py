@@ -165,14 +165,14 @@ class CovarianceModule(ParameterRegistry, IntermediateCache, nn.Module, abc.ABC)
 
     def _natural(self, raw: torch.Tensor) -> torch.Tensor:
         """Apply each parameter's transform."""
-        return _by_transform(raw, self._param_table().trans, "forward")
+        return _by_transform(raw, self._param_table().trans_groups, "forward")
 
     def _free_index_tensor(self, device) -> torch.Tensor:
         return torch.tensor(self._param_table().free_index, dtype=torch.long, device=device)
 
     def _free_derivative(self, free: torch.Tensor) -> torch.Tensor:
         """Element-wise derivative of the free parameters' transforms."""
-        return _by_transform(free, self._param_table().free_trans, "derivative")
+        return _by_transform(free, self._param_table().free_trans_groups, "derivative")
 
     def _differentiable_free(self, free_params) -> torch.Tensor:
         """The registered free parameters (checked finite; gradients reach them) or the
@@ -333,13 +333,15 @@ class CovarianceModule(ParameterRegistry, IntermediateCache, nn.Module, abc.ABC)
         return self.manual_grad(theta)[0]
 
 
-def _by_transform(x: torch.Tensor, transforms: list[Transform], method: str) -> torch.Tensor:
-    """``transforms[i].<method>(x[i])`` for every ``i``, one call per distinct transform."""
+def _by_transform(x: torch.Tensor, groups: list[tuple[Transform, list[int]]],
+                  method: str) -> torch.Tensor:
+    """``t.<method>(x[i])`` for every ``i`` and its transform ``t``, one call per distinct
+    transform (``groups``: a :class:`ParamTable`'s ``(transform, positions)``)."""
+    if len(groups) == 1:                       # one transform for all: no gather or scatter
+        out = getattr(groups[0][0], method)(x)
+        return out.clone() if out is x else out
     out = torch.empty_like(x)
-    groups: dict[Transform, list[int]] = {}
-    for i, t in enumerate(transforms):
-        groups.setdefault(t, []).append(i)
-    for t, idx in groups.items():
+    for t, idx in groups:
         index = torch.tensor(idx, device=x.device)
         out[index] = getattr(t, method)(x[index])
     return out
