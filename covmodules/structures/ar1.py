@@ -7,9 +7,9 @@ from ..transforms import ExpPow2, correlation
 from ..validation import check_size
 
 
-def lag_matrix(n: int, dtype, device) -> torch.Tensor:
-    """``|i - j|`` for ``i, j < n`` as a float matrix."""
-    i = torch.arange(n, dtype=dtype, device=device)
+def lag_index(n: int, device) -> torch.Tensor:
+    """``|i - j|`` for ``i, j < n`` as a long matrix."""
+    i = torch.arange(n, device=device)
     return (i[:, None] - i[None, :]).abs()
 
 
@@ -39,13 +39,14 @@ class AR1Matrix(Structure):
         return (self.n, self.n)
 
     def _correlation_and_derivative(self, rho):
-        lag = lag_matrix(self.n, rho.dtype, rho.device)
-        R = torch.pow(rho, lag)
-        dR = lag * torch.pow(rho, (lag - 1).clamp(min=0))
-        return R, dR
+        """``ρ^|i-j|`` and ``|i-j| ρ^(|i-j|-1)``: ``n`` powers gathered into ``n x n``."""
+        k = torch.arange(self.n, dtype=rho.dtype, device=rho.device)
+        lag = lag_index(self.n, rho.device)
+        return torch.pow(rho, k)[lag], (k * torch.pow(rho, (k - 1).clamp(min=0)))[lag]
 
     def _evaluate(self, nat):
-        return nat[0] * torch.pow(nat[1], lag_matrix(self.n, nat.dtype, nat.device))
+        k = torch.arange(self.n, dtype=nat.dtype, device=nat.device)
+        return nat[0] * torch.pow(nat[1], k)[lag_index(self.n, nat.device)]
 
     def _jacobian(self, nat):
         R, dR = self._correlation_and_derivative(nat[1])
