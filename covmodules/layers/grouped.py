@@ -3,7 +3,9 @@ special case :math:`V_g = A \otimes B + \sigma^2 I` on a grid.
 
 The loss of a :class:`GroupedCovariance` batch is the ML loss of its residuals through the
 grouped solver (:class:`~covmodules.linalg.GroupedSolver`: one batched Cholesky per block size,
-``Σ_g n_g³/3``, closed-form backward). A :class:`KroneckerCovariance` batch of ``F`` complete
+``Σ_g n_g³/3``, closed-form backward), built from the batch's group codes and positions and the
+layer's one float64 ``S + σ² I_T`` (:meth:`~covmodules.linalg.GroupedSolver.within_groups`: no
+batch model, no new modules per batch). A :class:`KroneckerCovariance` batch of ``F`` complete
 grids shares one ``V = A ⊗ B + σ² I`` for ``F`` independent residual grids ``r_f``; with the
 Kronecker solver's factor (:class:`~covmodules.linalg.kronecker.KroneckerFactor`,
 ``V = Q D Qᵀ``, ``Q = Q_a ⊗ Q_b``, ``D = λ_a λ_bᵀ + σ²``) the loss is
