@@ -10,6 +10,8 @@ for ``k = 1``) and whose ``Z`` has one block of ``k`` columns per level (subject
 as :func:`covmodules.design.random_design` builds it). The
 grouping is the coarsest of the pieces' groupings; every other must be nested in it (a finer
 one is applied as a mask within the block). The pieces' own parameters are shared by all groups.
+:meth:`GroupedSolver.within_groups` takes the pieces of ``Grouped(S) (+ σ² I)`` from ``S``, the
+nugget and the rows directly (the covariance layers' batches: no ``N``-row model is built).
 
 Blocks of equal size are stacked and factorised by one batched Cholesky
 (``V_g = L_g L_gᵀ``, bucketed by size), so one evaluation costs ``Σ_g n_g³/3`` and every REML
@@ -127,11 +129,14 @@ class GroupedSolver(Solver):
                                        "diagonal")
         if model.num_params != within.num_params + (0 if nugget is None else nugget.num_params):
             raise ValueError("model's parameters must be within's, then the nugget's")
+        if codes.dim() != 1 or codes.shape != positions.shape:
+            raise ValueError(f"codes and positions must be 1-D of one length, got shapes "
+                             f"{tuple(codes.shape)} and {tuple(positions.shape)}")
         pieces = [_Piece("grouped", within, 0, within, codes=codes, index=positions)]
         if nugget is not None:
             pieces.append(_Piece("diagonal", nugget, within.num_params, diagonal=view))
-        solver = cls.__new__(cls)
-        Solver.__init__(solver, model)
+        solver = cls.__new__(cls)                   # not __init__: there is no batch model
+        super(GroupedSolver, solver).__init__(model)
         solver._arrange(codes.shape[0], pieces)
         return solver
 
