@@ -45,16 +45,8 @@ from .base import CovarianceModule
 from .design import independent_columns
 from .linalg.base import additive_pieces
 from .model import MixedModel
-from .operators.block_diagonal import BlockDiagonal
-from .operators.gram import Gram
 from .operators.grouped import Grouped
-from .operators.hadamard import HadamardProduct
-from .operators.kronecker import KroneckerProduct
-from .operators.sum import Sum
-from .structures.block_design import BlockDesignMatrix
-from .structures.car1 import CAR1Matrix
-from .structures.equal_entry import EqualEntryMatrix
-from .structures.fixed import FixedMatrix
+from .singular import check_distinct_rows, grouped_row_classes, identical_rows
 from .validation import as_data
 
 __all__ = ["Checks", "Data", "prepare", "identical_rows", "grouped_row_classes",
@@ -119,14 +111,16 @@ class Data:
 
 
 def prepare(parts: Sequence, x_names=None, checks: Checks | None = None,
-            reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Data:
+            reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+            overlapping: bool = False) -> Data:
     """Check the data ``parts`` ``[(model, y, X), ...]`` and the design; drop aliased columns.
 
     ``X`` ``None`` is an intercept; ``x_names`` defaults to ``(Intercept)`` for it, else
     ``x0, x1, ...``. With ``reduce`` (the sum over processes, e.g. an all-reduce) the parts
     are shards of one data set: every decision is taken on the sums over all of them, so every
     process takes the same one; errors name the shard, and a process whose own shards are
-    refused makes every process raise.
+    refused makes every process raise. ``overlapping``: the shards share levels (rows of a
+    crossed design split in any way, level codes common to all), so a level is counted once.
 
     >>> from covmodules import ScalarMatrix
     >>> X = torch.tensor([[1.0, 0.0], [1.0, 1.0], [1.0, 3.0]])
@@ -163,6 +157,8 @@ def prepare(parts: Sequence, x_names=None, checks: Checks | None = None,
                       f"column(s) {dropped}", stacklevel=3)
     if len(kept) >= n:
         raise ValueError(f"X has {len(kept)} independent columns for {n} observations")
+    if overlapping:
+        levels = _shared_levels(total, local, device)
     _check_groupings([g._replace(levels=int(v)) for g, v in zip(groupings[0], levels)], n,
                      checks)
 
@@ -290,6 +286,39 @@ def _groupings(model) -> list[_Grouping]:
     return out
 
 
+def _shared_levels(total, local, device) -> list[int]:
+    """The levels with rows of each grouping over shards that share their level codes."""
+    presence = [sum(parts) for parts in zip(*[_presence(model) for model, _, _ in local])]
+    sizes = [float(v.numel()) for v in presence]
+    agree = total(torch.tensor([1.0, sum(sizes), sum(sizes) ** 2], dtype=torch.float64,
+                               device=device))
+    if float(agree[1]) ** 2 != float(agree[2]) * float(agree[0]):
+        raise ValueError("the processes' models differ in the levels of their groupings")
+    if not presence:
+        return []
+    flags = total(torch.cat(presence).to(torch.float64))
+    return [int((part > 0).sum()) for part in flags.split([int(v) for v in sizes])]
+
+
+def _presence(model) -> list[torch.Tensor]:
+    """Per grouping of :func:`_groupings`, whether each level (column) has a row here."""
+    out = []
+    for name, module, _ in additive_pieces(model):
+        if name is not None:
+            k, _ = _term_levels(model, name, module)
+            rows = model.term_groups(name, k)
+            if rows is None:
+                out.append((model.design(name) != 0).any(0).double())
+            else:
+                level = rows[0][rows[0] >= 0]
+                out.append((torch.bincount(level, minlength=model.designs[name].shape[1] // k)
+                            > 0).double())
+        elif isinstance(module, Grouped):
+            out.append((torch.bincount(module.group_codes, minlength=module.num_groups)
+                        > 0).double())
+    return out
+
+
 def _term_levels(model: MixedModel, name: str, G) -> tuple[int, int]:
     """Random effects per level and the number of levels with rows of term ``name``."""
     terms, block = model.terms.get(name), G.repeated_block_view()
@@ -325,114 +354,3 @@ def _check_groupings(groupings: list[_Grouping], n: int, checks: Checks) -> None
             options = ", ".join(f"{option}=False" for option, _ in failed)
             raise ValueError(f"{g.label} " + "; it ".join(reason for _, reason in failed)
                              + f". Pass checks=Checks({options}) to fit anyway")
-
-
-# ------------------------------------------------------------------ singular V
-def identical_rows(module) -> torch.Tensor | None:
-    """A class per row of ``module``'s matrix such that rows of one class are identical for
-    every parameter value (on the CPU); ``None`` when no two rows are known to be.
-
-    Rows of a sum (or Hadamard product) are identical when they are in every operand; a
-    diagonal structure separates every row. Known: ``Grouped`` (one group and position),
-    ``CAR1Matrix`` (one time), ``EqualEntryMatrix`` (all rows), the rows of ``Z`` of a random
-    term, fixed matrices and Gram matrices (equal rows), Kronecker products, block diagonals.
-
-    >>> from covmodules import AR1Matrix, Grouped, ScalarMatrix, Sum
-    >>> V = Grouped(AR1Matrix(3), groups=[0, 0, 1], positions=[1, 1, 0])
-    >>> identical_rows(V)
-    tensor([0, 0, 1])
-    >>> identical_rows(Sum(serial=V, nugget=ScalarMatrix(3))) is None
-    True
-    """
-    if isinstance(module, MixedModel):
-        return _meet([lambda: identical_rows(module.operand_modules[-1])]
-                     + [lambda name=name: _design_rows(module, name)
-                        for name in module.term_names])
-    if isinstance(module, (Sum, HadamardProduct)):
-        return _meet(lambda op=op: identical_rows(op) for op in module.operand_modules)
-    if isinstance(module, Grouped):
-        return grouped_row_classes(module.group_codes, module.positions,
-                                   module.operand_modules[0])
-    if isinstance(module, CAR1Matrix):
-        return _classes(module.times[:, None])
-    if isinstance(module, EqualEntryMatrix):
-        return torch.zeros(module.shape[0], dtype=torch.long)
-    if isinstance(module, FixedMatrix):
-        return _classes(module.value)
-    if isinstance(module, Gram) and module.form == "XXt":
-        return identical_rows(module.operand_modules[0])
-    if isinstance(module, KroneckerProduct):
-        A, B = module.operand_modules
-        a, b = identical_rows(A), identical_rows(B)
-        if a is None and b is None:
-            return None
-        a = torch.arange(A.shape[0]) if a is None else a
-        b = torch.arange(B.shape[0]) if b is None else b
-        return _classes(torch.stack([a.repeat_interleave(B.shape[0]), b.repeat(A.shape[0])], 1))
-    if isinstance(module, BlockDiagonal):
-        blocks = [identical_rows(op) for op in module.operand_modules]
-        if all(c is None for c in blocks):
-            return None
-        out, offset = [], 0
-        for op, c in zip(module.operand_modules, blocks):
-            out.append(offset + (torch.arange(op.shape[0]) if c is None else c))
-            offset += op.shape[0]
-        return torch.cat(out)
-    return None
-
-
-def grouped_row_classes(codes, positions, structure) -> torch.Tensor | None:
-    """:func:`identical_rows` of ``Grouped(structure, codes, positions)``: one group and a
-    position (or positions whose rows of ``structure`` are identical)."""
-    inner = identical_rows(structure)
-    positions = positions.cpu()
-    return _classes(torch.stack([codes.cpu(), positions if inner is None else inner[positions]],
-                                1))
-
-
-def check_distinct_rows(classes: torch.Tensor | None) -> None:
-    """Raise ``ValueError`` naming the first two rows in one class of :func:`identical_rows`:
-    ``V`` is then singular for every parameter value."""
-    if classes is None:
-        return
-    n = classes.numel()
-    rows = torch.arange(n)
-    first = torch.full((n,), n).scatter_reduce(0, classes, rows, "amin")[classes]
-    repeats = torch.nonzero(first != rows)[:, 0]
-    if repeats.numel():
-        j, more = int(repeats[0]), repeats.numel() - 1
-        also = f" (and {more} more row(s) repeating an earlier one)" if more else ""
-        raise ValueError(
-            f"V is singular (not positive definite) for every parameter value: rows "
-            f"{int(first[j])} and {j}{also} are identical in every piece of V, e.g. two rows "
-            "of one group at the same position of a Grouped structure, or a repeated time of a "
-            "CAR1Matrix. Add a diagonal term that separates them (a nugget: Sum(..., "
-            "nugget=ScalarMatrix(n)), or a MixedModel residual=ScalarMatrix(n)), or remove the "
-            "repeated rows; checks=Checks(singular_v=False) skips this check")
-
-
-def _design_rows(model: MixedModel, name: str) -> torch.Tensor | None:
-    Z = model.designs[name]
-    if isinstance(Z, BlockDesignMatrix):
-        return _classes(torch.cat([Z.codes[:, None].to(Z.values), Z.values], 1))
-    return _classes(model.design(name))
-
-
-def _meet(parts) -> torch.Tensor | None:
-    """Classes of rows identical in every part; ``parts`` are functions giving each part's
-    classes, called only while some rows still share a class."""
-    classes = None
-    for i, part in enumerate(parts):
-        other = part()
-        if other is None:
-            return None
-        classes = other if i == 0 else _classes(torch.stack([classes, other], 1))
-        if classes is None:
-            return None
-    return classes
-
-
-def _classes(keys: torch.Tensor) -> torch.Tensor | None:
-    """Class of each row of ``keys`` (equal rows share one); ``None`` when all differ."""
-    classes = torch.unique(keys.detach().cpu(), dim=0, return_inverse=True)[1]
-    return None if int(classes.max()) + 1 == keys.shape[0] else classes

@@ -127,6 +127,10 @@ class ShardedREML:
     def model(self) -> CovarianceModule:
         return self.models[0]
 
+    @property
+    def device(self) -> torch.device:
+        return self.ys[0].device
+
     def shard(self, i: int):
         """Shard ``i`` as a :class:`~covmodules.reml.REML` objective of its own rows (the
         columns the whole kept, its solver)."""

@@ -23,17 +23,19 @@ OPTIMIZERS = ("ai", "lbfgs", "adam", "sgd")
 METHODS = ("reml", "ml")
 
 
-def fit(model: CovarianceModule | ShardedREML, y=None, X=None, *, x_names=None,
+def fit(model: CovarianceModule | REML | ShardedREML, y=None, X=None, *, x_names=None,
         optimizer: str = "ai", method: str = "reml", start=None, max_iter: int | None = None,
         tol: float = 1e-10, lr: float = 0.05, solver=None, callback=None, checks=None,
         reml: bool | None = None) -> FitResult:
     """Fit the covariance parameters of ``y = X b + e``, ``Var(y) = V`` by REML (or ML).
 
     Args:
-        model: a covariance module for ``V`` (e.g. a :class:`~covmodules.MixedModel`), or a
-            :class:`~covmodules.distributed.ShardedREML` objective (then ``y``, ``X``,
-            ``x_names``, ``method``, ``solver`` and ``checks`` come from it): under
-            ``torch.distributed`` every process runs the same fit and ends at the same estimates.
+        model: a covariance module for ``V`` (e.g. a :class:`~covmodules.MixedModel`), or an
+            objective (then ``y``, ``X``, ``x_names``, ``method``, ``solver`` and ``checks``
+            come from it): a :class:`~covmodules.reml.REML`, or for data over processes a
+            :class:`~covmodules.distributed.ShardedREML` or
+            :class:`~covmodules.crossed.CrossedREML`; under ``torch.distributed`` every
+            process runs the same fit and ends at the same estimates.
         y: response ``(n,)``; X: fixed-effects design ``(n, p)`` (``None``: intercept only).
         x_names: names of the columns of ``X``.
         optimizer: ``"ai"`` (AI-REML, default), ``"lbfgs"``, ``"adam"`` or ``"sgd"``.
@@ -73,7 +75,7 @@ def fit(model: CovarianceModule | ShardedREML, y=None, X=None, *, x_names=None,
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS} (the optimiser is optimizer=, one "
                          f"of {OPTIMIZERS}), got {method!r}")
-    if isinstance(model, ShardedREML):
+    if isinstance(model, (ShardedREML, REML)):
         objective, model = model, model.model
     else:
         objective = REML(model, y, X, x_names=x_names, method=method, solver=solver,

@@ -136,7 +136,7 @@ def _condsd(result, name: str, k: int, max_entries: int = 4_000_000) -> np.ndarr
             E = torch.zeros(q, len(cols), dtype=nat.dtype, device=nat.device)
             E[cols, torch.arange(len(cols))] = 1
             GE = G._matmul(part, E)                                   # G columns
-            W = factor.whiten(model.z_matmul(name, GE).to(nat))
+            W = factor.whiten(result.objective.solver.term_columns(name, GE.to(nat)))
             cond = GE[cols] - factor.inner(W, W)
             out.append(cond.diagonal().clamp(min=0).sqrt().reshape(-1, k))
         return torch.cat(out).cpu().numpy()
@@ -148,7 +148,7 @@ def _free_cov_beta(result, free: torch.Tensor, solver) -> torch.Tensor:
     objective = result.objective
     nat = objective.model.build_params(free)
     factor = solver.factorize(nat)
-    Xw = factor.whiten(objective.X.to(nat))
+    Xw = factor.whiten(solver.columns(objective.X.to(nat)))
     return torch.linalg.inv(factor.inner(Xw, Xw))
 
 

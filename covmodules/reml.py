@@ -98,6 +98,10 @@ class REML:
     def p(self) -> int:
         return self.X.shape[1]
 
+    @property
+    def device(self) -> torch.device:
+        return self.y.device
+
     def residual_variance(self) -> float:
         """Variance of the OLS residuals of ``y`` on ``X`` (positive: ``y`` is not fitted
         exactly): the data's scale, for start values and boundary thresholds."""
@@ -123,6 +127,11 @@ class REML:
     def average_information(self, free: torch.Tensor, state) -> torch.Tensor:
         """``AI = ½ Uᵀ P U`` with ``U[:, k] = dV/dθ_k (P y)``: K structured products."""
         return self.solver.average_information(free, state)
+
+    def term_sums(self, name: str, state) -> torch.Tensor:
+        """``Z_tᵀ P y`` (``(q_t, 1)``) of random term ``name`` of a
+        :class:`~covmodules.MixedModel`, for its BLUPs ``G_t Z_tᵀ P y``."""
+        return self.model.zt_matmul(name, state.Py[:, None])
 
 
 def reml_loss(model: CovarianceModule, y, X=None, reduction: str = "sum") -> torch.Tensor:

@@ -212,8 +212,9 @@ class FitResult:
 
     def _blup_vectors(self) -> dict[str, torch.Tensor]:
         """``û = G Zᵀ P y`` per random term, through structured products (no dense ``Z``)."""
-        model, Py = self.model, self.state.Py[:, None]
-        return {name: model._modules[name].matmul(model.zt_matmul(name, Py).to(Py))[:, 0]
+        model, Py = self.model, self.state.Py
+        return {name: model._modules[name].matmul(
+                    self.objective.term_sums(name, self.state).to(Py))[:, 0]
                 for name in model.term_names}
 
     def fitted(self, conditional: bool = True) -> np.ndarray:

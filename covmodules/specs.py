@@ -106,13 +106,15 @@ class RandomSpec:
 @dataclass
 class Problem:
     """What :func:`covmodules.fit` needs: ``model``, ``y``, ``X``, ``x_names``; plus the rows
-    of the data they were built from (``frame``, in model order)."""
+    of the data they were built from (``frame``, in model order) and whether its random terms
+    are coded with the levels of all the data (``shares_levels``: a subset of crossed rows)."""
 
     model: MixedModel
     y: torch.Tensor
     X: torch.Tensor
     x_names: list[str]
     frame: pd.DataFrame
+    shares_levels: bool = False
 
 
 @dataclass(frozen=True)
@@ -235,13 +237,15 @@ class ModelSpec:
         return torch.tensor(y)
 
     def covariance(self, frame: pd.DataFrame, axis: TimeAxis | None = None,
-                   whole: pd.DataFrame | None = None) -> MixedModel:
+                   whole: pd.DataFrame | None = None, shared_levels: bool = False
+                   ) -> MixedModel:
         """The covariance model ``V = Σ Z G Zᵀ + R`` of the rows of ``frame``.
 
         ``axis`` (:meth:`time_axis` of the data ``frame``'s rows come from, restricted to
         them) gives the residual's time positions and size; by default those of ``frame``;
-        ``whole`` (those data) codes the formula terms of random effects."""
-        random = {name: self._random_term(name, r, frame, whole)
+        ``whole`` (those data) codes the formula terms of random effects, and with
+        ``shared_levels`` their grouping levels too (every subset then has all of them)."""
+        random = {name: self._random_term(name, r, frame, whole, shared_levels)
                   for name, r in self.random.items()}
         residual = self.residual.module(frame, axis, f"{self.prefix}residual")
         model = MixedModel(random=random, residual=residual)
@@ -256,13 +260,14 @@ class ModelSpec:
         return model
 
     def problem(self, frame: pd.DataFrame, rows=None, design=None,
-                axis: TimeAxis | None = None) -> Problem:
+                axis: TimeAxis | None = None, shared_levels: bool = False) -> Problem:
         """The :class:`Problem` of ``frame`` (prepared), or of its positional ``rows``.
 
         ``design`` and ``axis`` (:meth:`design` and :meth:`time_axis` of all of ``frame``,
         built once when many subsets are taken) keep the columns of X and the residual's time
         positions the same across row subsets, so every batch of whole groups has the
-        parameters, and the structure, of the whole data."""
+        parameters, and the structure, of the whole data; ``shared_levels`` codes the random
+        terms with all of ``frame``'s levels (subsets of rows of crossed terms)."""
         design = self.design(frame) if design is None else design
         X, whole = design.matrix, None
         if rows is not None:
@@ -272,8 +277,9 @@ class ModelSpec:
             index = torch.as_tensor(rows, dtype=torch.long)
             frame, X = frame.iloc[rows], X[index]
             axis = None if axis is None else axis.take(index)
-        return Problem(self.covariance(frame, axis, whole), self.response_vector(frame), X,
-                       list(design.names), frame)
+        return Problem(self.covariance(frame, axis, whole, shared_levels),
+                       self.response_vector(frame), X, list(design.names), frame,
+                       shared_levels)
 
     def build(self, df: pd.DataFrame) -> Problem:
         """Prepare ``df`` and build its :class:`Problem`."""
@@ -334,12 +340,15 @@ class ModelSpec:
             fail(f"{key}: the term {r.formula!r} has no columns")
         return [(nm, lambda df, j=j: values[:, j].numpy()) for j, nm in enumerate(d.names)]
 
-    def _random_term(self, name, r: RandomSpec, frame, whole=None):
+    def _random_term(self, name, r: RandomSpec, frame, whole=None, shared_levels=False):
         terms = self.term_specs(name, frame, whole)
         group = list(r.group)
+        by = group if len(group) > 1 else group[0]
         order = self.levels.get(group[0]) if len(group) == 1 else None
         try:
-            rd = random_design(frame, group if len(group) > 1 else group[0], terms, levels=order)
+            if shared_levels and whole is not None:
+                order = grouping(whole, by, order)[1]
+            rd = random_design(frame, by, terms, levels=order)
         except (ValueError, TypeError) as err:
             fail(f"{self.prefix}random.{name}: {err}")
         k, levels = rd.num_terms, IdentityMatrix(rd.num_levels)

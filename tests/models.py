@@ -134,8 +134,8 @@ def _slope_model(name, G_of, truth, **extra):
         model = MixedModel(random={"g": (Z, G)}, residual=ScalarMatrix(r["g"].numel()))
         return model, y, design_x(slope)
 
-    return ModelSpec(name, ("dense", "grouped", "woodbury", "mme"), rows, build, truth,
-                     beta=(1.0, 0.5), factors={"g": L}, terms={"g": ("g", 2)}, **extra)
+    return ModelSpec(name, ("dense", "grouped", "woodbury", "mme", "sufficient"), rows, build,
+                     truth, beta=(1.0, 0.5), factors={"g": L}, terms={"g": ("g", 2)}, **extra)
 
 
 def _simple_fn(theta):
@@ -233,7 +233,7 @@ def _crossed():
                            residual=ScalarMatrix(r["g"].numel()))
         return model, y, design_x(r["x"])
 
-    return ModelSpec("crossed_intercepts", ("dense", "woodbury", "mme"),
+    return ModelSpec("crossed_intercepts", ("dense", "woodbury", "mme", "sufficient"),
                      lambda: crossed(A, B, seed=3), build,
                      {"a/sigma^2": 1.0, "b/sigma^2": 0.6, "residual/sigma^2": 0.3},
                      beta=(0.5, 1.0), factors={"g": A, "h": B},

@@ -174,3 +174,58 @@ def test_a_subset_of_rows_keeps_the_whole_data_time_axis():
     free = 0.2 * torch.randn(whole.model.num_free_params, generator=torch.Generator().manual_seed(0),
                              dtype=torch.float64)
     torch.testing.assert_close(part.model(free), whole.model(free)[4:, 4:])
+
+
+CROSSED = {"response": "y", "fixed": ["x"],
+           "random": {"a": {"group": "a"}, "b": {"group": "b", "terms": ["1", "x"]}}}
+
+
+def write_crossed(path, n=240, seed=3):
+    """Two crossed factors (13 and 6 levels, one with a random slope): the rows form one block."""
+    rng = np.random.default_rng(seed)
+    a, b, x = rng.integers(0, 13, n), rng.integers(0, 6, n), rng.normal(size=n)
+    ua, ub, sb = rng.normal(0, 1.5, 13), rng.normal(0, 1.0, 6), rng.normal(0, 0.5, 6)
+    y = 1 + 0.5 * x + ua[a] + ub[b] + sb[b] * x + rng.normal(size=n)
+    pd.DataFrame({"a": [f"a{i}" for i in a], "b": [f"b{i}" for i in b], "x": x, "y": y}
+                 ).to_csv(path, index=False)
+    return str(path)
+
+
+def crossed_fit(path, optimizer, devices):
+    dm = MixedModelDataModule(path, **CROSSED)
+    module = REMLModule(optimizer=optimizer)
+    trainer = L.Trainer(accelerator="cpu", devices=devices,
+                        strategy="ddp" if devices > 1 else "auto", max_epochs=EPOCHS[optimizer],
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.fit(module, datamodule=dm)
+    return {"free": module.result.free, "loglik": module.result.loglik,
+            "iterations": module.result.iterations, "rows": len(dm.train_batches[0]),
+            "objective": type(module.objective).__name__, "blups": module.blup_table()}
+
+
+def _crossed_worker(rank, world, port, path, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world),
+                      RANK=str(rank), LOCAL_RANK=str(rank), NODE_RANK="0")
+    torch.set_num_threads(1)
+    torch.save({name: crossed_fit(path, name, world) for name in ("ai", "lbfgs")},
+               f"{out}.{rank}")
+
+
+def test_two_ddp_processes_split_the_rows_of_crossed_terms_exactly(tmp_path):
+    path = write_crossed(tmp_path / "crossed.csv")
+    out = str(tmp_path / "crossed")
+    mp.spawn(_crossed_worker, args=(2, free_port(), path, out), nprocs=2, join=True)
+    ranks = [torch.load(f"{out}.{rank}", weights_only=False) for rank in range(2)]
+    assert [r["ai"]["rows"] for r in ranks] == [120, 120]
+    for name in ("ai", "lbfgs"):
+        single = crossed_fit(path, name, 1)
+        assert single["objective"] == "REML"
+        key = ["term", "level", "coefficient"]
+        for got in (r[name] for r in ranks):
+            assert got["objective"] == "CrossedREML"
+            assert got["loglik"] == pytest.approx(single["loglik"], rel=1e-10)
+            torch.testing.assert_close(got["free"], single["free"], rtol=1e-8, atol=1e-8)
+            ours, ref = got["blups"].sort_values(key), single["blups"].sort_values(key)
+            assert ours[key].values.tolist() == ref[key].values.tolist()
+            np.testing.assert_allclose(ours.blup, ref.blup, rtol=1e-8, atol=1e-10)

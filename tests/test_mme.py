@@ -12,7 +12,7 @@ import torch
 from covmodules import (BlockDesignMatrix, DesignMatrix, DiagonalMatrix, EqualEntryMatrix,
                         FixedMatrix, Grouped, AR1Matrix, IdentityMatrix, KroneckerProduct,
                         MixedModel, ScalarMatrix, UnconstrainedMatrix, fit)
-from covmodules.linalg import SOLVERS, UnsupportedStructure, select_solver
+from covmodules.linalg import SOLVERS, UnsupportedStructure, applicable_solvers, select_solver
 from covmodules.testing import check_solver
 
 from oracle import build
@@ -68,31 +68,55 @@ MODELS = {
 }
 
 
+#: the mme solver, and the same equations on sufficient statistics (R = σ² I only)
+ON_ROWS_AND_SUMS = pytest.mark.parametrize("solver", ["mme", "sufficient"])
+
+
 @pytest.mark.parametrize("method", ["reml", "ml"])
 @pytest.mark.parametrize("key", list(MODELS))
-def test_mme_equals_dense(key, method):
+@ON_ROWS_AND_SUMS
+def test_mme_equals_dense(key, method, solver):
+    if solver == "sufficient" and "diagonal" in key:
+        pytest.skip("sufficient statistics need R = σ² I")
     model = MODELS[key]()
     y, X = data(model.shape[0])
-    check_solver(model, y, X, "mme", method=method)
+    check_solver(model, y, X, solver, method=method)
 
 
 @pytest.mark.parametrize("seed", [3, 4])
-def test_mme_equals_dense_at_other_points(seed):
+@ON_ROWS_AND_SUMS
+def test_mme_equals_dense_at_other_points(seed, solver):
     model = crossed_model()
     y, X = data(model.shape[0], seed=seed)
     free = torch.randn(model.num_free_params, generator=gen(seed), dtype=DTYPE)
-    check_solver(model, y, X, "mme", free=free)
+    check_solver(model, y, X, solver, free=free)
 
 
-def test_mme_near_a_zero_variance():
+@ON_ROWS_AND_SUMS
+def test_mme_near_a_zero_variance(solver):
     model = crossed_model()
     y, X = data(model.shape[0])
     free = 0.5 * torch.randn(model.num_free_params, generator=gen(7), dtype=DTYPE)
     free[model.free_param_names.index("b/sigma^2")] = -14.0          # e^-28 ~ 7e-13
-    check_solver(model, y, X, "mme", free=free)
+    check_solver(model, y, X, solver, free=free)
 
 
-def test_mme_at_a_singular_g():
+@pytest.mark.parametrize("shift", [1e4, -1e5])
+def test_sufficient_statistics_keep_their_digits_for_a_response_far_from_zero(shift):
+    """``y`` far from zero: the sums are of the OLS residuals, so ``yᵀy`` cancels nothing."""
+    model = crossed_model()
+    y, X = data(model.shape[0])
+    check_solver(model, y + shift, X, "sufficient")
+
+
+def test_sufficient_statistics_refuse_a_residual_other_than_sigma2_i():
+    with pytest.raises(ValueError, match="σ² I"):
+        select_solver(crossed_model(residual="diagonal"), "sufficient")
+    assert "sufficient" not in [s.name for s in applicable_solvers(crossed_model())]
+
+
+@ON_ROWS_AND_SUMS
+def test_mme_at_a_singular_g(solver):
     """``S`` of rank one (EqualEntryMatrix): ``L`` is raised to an invertible root below
     rounding and the gradient is still the dense one."""
     g = gen(5)
@@ -102,10 +126,11 @@ def test_mme_at_a_singular_g():
     model = MixedModel(random={"a": slope_term(a, t, 12, EqualEntryMatrix(2)),
                                "b": intercept_term(b, 5)}, residual=ScalarMatrix(n))
     y, X = data(n)
-    check_solver(model, y, X, "mme")
+    check_solver(model, y, X, solver)
 
 
-def test_levels_without_rows_and_rows_without_values():
+@ON_ROWS_AND_SUMS
+def test_levels_without_rows_and_rows_without_values(solver):
     """A level no row has (its block of M is I) and rows whose term values are zero."""
     g = gen(6)
     n = 80
@@ -117,7 +142,7 @@ def test_levels_without_rows_and_rows_without_values():
               KroneckerProduct(IdentityMatrix(10), UnconstrainedMatrix(2))),
         "b": intercept_term(b, 4)}, residual=ScalarMatrix(n))
     y, X = data(n)
-    check_solver(model, y, X, "mme")
+    check_solver(model, y, X, solver)
 
 
 def test_dense_z_of_block_pattern_becomes_a_block_design():

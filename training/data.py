@@ -3,6 +3,8 @@
 Under DDP each process keeps the whole groups :class:`GroupSampler` gives it, split into
 batches of ``groups_per_batch`` groups; :class:`~training.module.REMLModule` sums their REML
 statistics over batches and processes (:class:`~covmodules.distributed.ShardedREML`).
+Crossed random terms, whose rows form one block, are split by rows instead, each process
+summing its rows' sufficient statistics (:class:`~covmodules.crossed.CrossedREML`).
 """
 
 from __future__ import annotations
@@ -56,8 +58,9 @@ def _check_complete(frame: pd.DataFrame, column: str, key: str) -> None:
 
 
 class Batch:
-    """Whole groups of rows: their :class:`~covmodules.specs.Problem` and the split they
-    belong to (``"train"`` or ``"val"``). ``to(device)`` moves the model, ``y`` and ``X``."""
+    """Whole groups of rows (or a process's share of the rows of crossed terms): their
+    :class:`~covmodules.specs.Problem` and the split they belong to (``"train"`` or
+    ``"val"``). ``to(device)`` moves the model, ``y`` and ``X``."""
 
     def __init__(self, problem: Problem, split: str):
         self.problem, self.split = problem, split
@@ -261,14 +264,22 @@ class MixedModelDataModule(L.LightningDataModule):
         val_groups, train_groups = np.sort(order[:num_val]), np.sort(order[num_val:])
         self.split_labels = {"train": [labels[g] for g in train_groups],
                              "val": [labels[g] for g in val_groups]}
+        self.frame, self._process, self._train_problem = frame, (rank, world), None
+        self._design, self._axis = design, self.spec.time_axis(frame)
+        self._train_rows = np.flatnonzero(np.isin(codes, train_groups))
+        if world > 1 and num_groups == 1 and self.group is None and self.spec.random \
+                and not self.spec.residual.couples_subjects:
+            # crossed terms, one block of rows: each process sums a share of its rows
+            rows = np.array_split(self._train_rows, world)[rank]
+            self.train_batches = [Batch(self.spec.problem(frame, rows, design, self._axis,
+                                                          shared_levels=True), "train")]
+            self.val_batches = []
+            return
         for name, groups in (("training", train_groups), ("validation", val_groups)):
             if 0 < len(groups) < world:
                 raise SpecError(f"data.group: {len(groups)} {name} group(s) for {world} "
                                 "processes; every process needs at least one (use fewer devices "
                                 "or a finer data.group)")
-        self.frame, self._process, self._train_problem = frame, (rank, world), None
-        self._design, self._axis = design, self.spec.time_axis(frame)
-        self._train_rows = np.flatnonzero(np.isin(codes, train_groups))
         self.train_batches = self._batches(codes, self._share(train_groups, rank, world), "train")
         self.val_batches = self._batches(codes, self._share(val_groups, rank, world), "val")
 

@@ -42,6 +42,7 @@ from torchmetrics import MeanSquaredError, R2Score
 
 from covmodules import CovarianceModule
 from covmodules.checks import Checks
+from covmodules.crossed import CrossedREML
 from covmodules.distributed import ShardedREML, world_size
 from covmodules.threads import per_process
 from covmodules.fitting import (METHODS, OPTIMIZERS, fit_result, free_parameters,
@@ -159,13 +160,17 @@ class REMLModule(L.LightningModule):
 
     @property
     def objective(self) -> REML | ShardedREML:
-        """The REML objective of the whole training set: :class:`REML`, or the
-        :class:`ShardedREML` of this process's batches (rebuilt after a device change)."""
+        """The REML objective of the whole training set: :class:`REML`, the
+        :class:`ShardedREML` of this process's batches, or the :class:`CrossedREML` of its
+        rows of crossed terms (rebuilt after a device change)."""
         y = self._shards[0].y if self.sharded else self.y
-        current = self._objective
-        if current is None or (current.ys[0] if self.sharded else current.y).device != y.device:
-            if self.sharded:
-                self._objective = ShardedREML([(p.model, p.y, p.X) for p in self._shards],
+        current, shards = self._objective, self._shards
+        if current is None or current.device != y.device:
+            if self.sharded and shards[0].shares_levels:      # rows of crossed terms
+                self._objective = CrossedREML(shards[0].model, shards[0].y, shards[0].X,
+                                              self.x_names, self.hparams.method, self.checks)
+            elif self.sharded:
+                self._objective = ShardedREML([(p.model, p.y, p.X) for p in shards],
                                               x_names=self.x_names, method=self.hparams.method,
                                               checks=self.checks)
             else:
@@ -308,8 +313,9 @@ class REMLModule(L.LightningModule):
                 self.trainer.should_stop = True
         every = self.hparams.image_every_n_epochs
         if every and (self.current_epoch + 1) % every == 0:
-            for logger in self._tensorboards():
-                self._log_images(logger.experiment)
+            for logger in (lg for lg in self.loggers if isinstance(lg, TensorBoardLogger)):
+                log_images(self.covariance, logger.experiment, self.global_step,
+                           self.hparams.max_image_size)
 
     def on_train_end(self) -> None:
         if not self.converged:
@@ -317,7 +323,7 @@ class REMLModule(L.LightningModule):
                            "converging; raise trainer.max_epochs")
         self.result = self.fit_result()
         self.fitted_state = fitted_state(self, self.trainer.datamodule)
-        self._log_final(self.result)
+        log_final(self, self.result, self.loggers)
         save_last_checkpoints(self.trainer)
 
     def fit_result(self) -> FitResult:
@@ -337,15 +343,6 @@ class REMLModule(L.LightningModule):
         return result
 
     # --------------------------------------------------------------- monitoring
-    def _tensorboards(self) -> list[TensorBoardLogger]:
-        return [lg for lg in self.loggers if isinstance(lg, TensorBoardLogger)]
-
-    def _log_images(self, writer) -> None:
-        log_images(self.covariance, writer, self.global_step, self.hparams.max_image_size)
-
-    def _log_final(self, result: FitResult) -> None:
-        log_final(self, result, self.loggers)
-
     def _plotted_params(self) -> dict:
         """The parameters charted per step (natural scale): fixed ones only at the first step,
         a point instead of a flat line."""
@@ -409,7 +406,7 @@ class REMLModule(L.LightningModule):
     def _batch_result(self, problem: Problem) -> FitResult:
         """:attr:`result` seen from a training batch, for its fitted values and BLUPs
         (:meth:`FitResult.shard` of a split training set)."""
-        if not self.sharded:
+        if not self.result.sharded:
             return self.result
         return self.result.shard(next(i for i, q in enumerate(self._shards) if q is problem))
 

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from ..base import CovarianceModule
-from ..checks import check_distinct_rows, grouped_row_classes
+from ..singular import check_distinct_rows, grouped_row_classes
 from ..linalg import GroupedSolver
 from ..linalg.base import NegLogLik
 from ..linalg.kronecker import KroneckerFactor

@@ -8,6 +8,7 @@
 | ``Σ Z_i G_i Z_iᵀ + R``, ``R`` diagonal | ``"woodbury"`` | ``n q² + q³`` |
 | ``Σ Z_i (I ⊗ S_i) Z_iᵀ + R`` on block designs, ``R`` diagonal (crossed, nested) | ``"mme"`` | ``n (Σ k_i)² + Σ_j k_0 z_j² + s³/3`` |
 | random terms over a block-diagonal Kronecker residual (trials) | ``"met"`` | per block |
+| the ``"mme"`` models with ``R = σ² I``, on sufficient statistics (by name only) | ``"sufficient"`` | as ``"mme"``, nothing in ``n`` |
 
 :func:`applicable_solvers` builds each solver whose structure the model has (a solver's
 constructor reads the model's capability views, :mod:`covmodules.capabilities`, and raises
@@ -32,17 +33,19 @@ from .environments import MultiEnvironmentSolver
 from .grouped import GroupedSolver
 from .kronecker import KroneckerSolver, complete_grid
 from .mme import MMESolver
+from .sufficient import SufficientSolver
 from .woodbury import WoodburySolver
 
 __all__ = ["NotPositiveDefiniteError", "UnsupportedStructure", "Solver", "DenseSolver",
            "applicable_solvers",
-           "KroneckerSolver", "GroupedSolver", "WoodburySolver", "MMESolver", "SOLVERS",
+           "KroneckerSolver", "GroupedSolver", "WoodburySolver", "MMESolver", "SufficientSolver", "SOLVERS",
            "select_solver", "identify", "unidentified_kronecker", "complete_grid",
            "MultiEnvironmentSolver"]
 
 SOLVERS: dict[str, type[Solver]] = {"dense": DenseSolver, "kronecker": KroneckerSolver,
                                     "grouped": GroupedSolver, "woodbury": WoodburySolver,
-                                    "mme": MMESolver, "met": MultiEnvironmentSolver}
+                                    "mme": MMESolver, "met": MultiEnvironmentSolver,
+                                    "sufficient": SufficientSolver}
 
 
 def select_solver(model, solver=None) -> Solver:
@@ -76,9 +79,10 @@ def select_solver(model, solver=None) -> Solver:
 
 
 def applicable_solvers(model) -> list[Solver]:
-    """A solver of each kind in :data:`SOLVERS` whose structure ``model`` has (dense always)."""
+    """A solver of each kind in :data:`SOLVERS` whose structure ``model`` has (dense always;
+    those built only by name, :attr:`Solver.automatic` false, left out)."""
     out = []
-    for cls in SOLVERS.values():
+    for cls in (c for c in SOLVERS.values() if c.automatic):
         try:
             out.append(cls(model))
         except UnsupportedStructure:

@@ -92,9 +92,11 @@ class GLSState:
         return torch.linalg.solve_triangular(self.LA, self.Xw.T, upper=False).T
 
 
-def gls(factor: Factor, y: torch.Tensor, X: torch.Tensor, method: str) -> GLSState:
+def gls(factor: Factor, y: torch.Tensor, X: torch.Tensor, method: str,
+        n: int | None = None) -> GLSState:
     """GLS estimate and ``-l`` (R's scale) from a factorisation of ``V``: the statistics of
-    :mod:`~covmodules.linalg.statistics`, finished with the residuals' own quadratic form."""
+    :mod:`~covmodules.linalg.statistics`, finished with the residuals' own quadratic form
+    (``n``: the observations, when ``y`` holds other coordinates than one per row)."""
     Xw, yw = factor.whiten(X), factor.whiten(y[:, None])[:, 0]
     residual = {}
 
@@ -102,7 +104,8 @@ def gls(factor: Factor, y: torch.Tensor, X: torch.Tensor, method: str) -> GLSSta
         residual["rw"] = rw = yw - Xw @ beta
         return factor.inner(rw[:, None], rw[:, None])[0, 0]
 
-    est = GLSStatistics.of_whitened(factor, Xw, yw, y.shape[0]).finish(method, quadratic)
+    est = GLSStatistics.of_whitened(factor, Xw, yw, y.shape[0] if n is None else n
+                                    ).finish(method, quadratic)
     rw = residual["rw"]
     Py = factor.unwhiten(rw[:, None])[:, 0]
     return GLSState(factor, Xw, est.LA, est.beta, rw, Py, est.neg_loglik, method)
@@ -159,6 +162,8 @@ class Solver(abc.ABC):
     """
 
     name: str
+    #: whether automatic dispatch considers it (else only ``solver="name"`` builds it)
+    automatic: bool = True
 
     def __init__(self, model):
         self.model = model
@@ -203,6 +208,16 @@ class Solver(abc.ABC):
             U = self.natural_dv_py(self.model.build_params(free), state.Py)
         U = self.model.dV(state.Py, free) if U is None else self.model.to_free(U, free)
         return 0.5 * state.project(U.T)
+
+    def columns(self, B: torch.Tensor) -> torch.Tensor:
+        """The fitted data's columns ``B`` (``y``, ``X``) as :meth:`Factor.whiten` takes them:
+        themselves, for the solvers that work on rows."""
+        return B
+
+    def term_columns(self, name: str, W: torch.Tensor) -> torch.Tensor:
+        """``Z_t W`` of random term ``name`` of a :class:`~covmodules.MixedModel`, as
+        :meth:`columns`."""
+        return self.model.z_matmul(name, W)
 
     def natural_dv_py(self, nat: torch.Tensor, Py: torch.Tensor):
         """``[∂V/∂θ_k P y]_k`` over all parameters on the natural scale, ``(K, n)``, or

@@ -133,26 +133,7 @@ class MMESolver(Solver):
 
     def __init__(self, model):
         super().__init__(model)
-        if not isinstance(model, MixedModel) or not model.term_names:
-            raise UnsupportedStructure("needs a MixedModel with random terms")
-        terms, self.residual = [], []
-        for name, module, off in additive_pieces(model):
-            if name is None:
-                view = module.diagonal_view()
-                if view is None:
-                    raise UnsupportedStructure("the residual must be diagonal")
-                self.residual.append((view, slice(off, off + module.num_params)))
-                continue
-            view = module.repeated_block_view()
-            rows = None if view is None else model.term_groups(name, view.block.shape[0])
-            if rows is None:
-                raise UnsupportedStructure(f"random term {name!r} is not I ⊗ S on a design "
-                                           "with one block of columns per level")
-            codes, values = rows
-            values = values.to(torch.float64) * (codes >= 0)[:, None]
-            terms.append(_Term(name, view.block, off, module.num_params, codes.clamp(min=0),
-                               values, view.count))
-        self.terms = sorted(terms, key=lambda t: -t.m * t.k)
+        self.terms, self.residual = _read(model)
         self.n = model.shape[0]
         self.pattern = Pattern([t.codes for t in self.terms], [(t.m, t.k) for t in self.terms])
         self._unit = None                                  # Zᵀ Z blocks (R = σ² I)
@@ -224,6 +205,11 @@ class MMESolver(Solver):
 
     def factorize(self, nat):
         r = self._r(nat)
+        lams, M = self._factor_m(nat, r)
+        return MMEFactor(r, self.terms, lams, M, self._data_sums)
+
+    def _factor_m(self, nat, r):
+        """The terms' roots ``L_t`` and the blocked factor of ``M`` for residual diagonal ``r``."""
         floor = 1e-120 * float(r.detach().mean())
         lams = [_root(t.block._evaluate(nat[t.offset:t.offset + t.num_params]), floor)
                 for t in self.terms]
@@ -233,17 +219,32 @@ class MMESolver(Solver):
         B = [c * (L0.T @ b @ L) for b, L in zip(Kb, lams[1:])]
         C = _lam_t_rows_cols(lams[1:], self.terms[1:], Kc).mul_(c)    # the one s x s copy
         C.diagonal().add_(1.0)
-        return MMEFactor(r, self.terms, lams, MixedModelFactor(self.pattern, D, B, C),
-                         self._data_sums)
+        return lams, MixedModelFactor(self.pattern, D, B, C)
 
     def natural_gradient(self, nat, state: GLSState):
-        f, Py, p = state.factor, state.Py, self.pattern
+        f, Py = state.factor, state.Py
         w = 1 / f.r
-        Kd, Kb, Kc, c = self._cross_products(w)
         Sd, Sb, Sinv = f.M.selected_inverse()
-        lams, rest = f.lams, self.terms[1:]
-        L0 = lams[0]
-        # H_t = Σ_j [K Λ M⁻¹]_jj, K = c (Kd, Kb, Kc)
+        H = self._level_sums(w, f.lams, Sd, Sb, Sinv)
+        W = f.unwhiten(state.low_rank_x()) if state.method == "reml" else None
+        quad = self._row_quadratic(f, Sd, Sb, Sinv)
+        d = w - w * w * quad - Py ** 2
+        if W is not None:
+            d = d - (W * W).sum(1)
+        zp = [block_rmatmul(t.codes, t.values, t.m, Py[:, None]).reshape(t.m, t.k)
+              for t in self.terms]
+        zw = [None if W is None else block_rmatmul(t.codes, t.values, t.m, W).reshape(t.m, t.k, -1)
+              for t in self.terms]
+        out = self._term_gradients(nat, f.lams, H, zp, zw)
+        for view, rows in self.residual:
+            out[rows] = view.vjp(nat[rows], 0.5 * d)
+        return out
+
+    def _level_sums(self, w, lams, Sd, Sb, Sinv) -> list[torch.Tensor]:
+        """``H_t = Σ_j [K Λ M⁻¹]_jj`` per term (``K = Zᵀ diag(w) Z``), from the selected
+        inverse."""
+        Kd, Kb, Kc, c = self._cross_products(w)
+        rest, p, L0 = self.terms[1:], self.pattern, lams[0]
         H = [(Kd @ L0 @ Sd).sum(0)]
         H[0] = H[0] + sum(((b @ L) @ s.transpose(1, 2)).sum(0)
                           for b, L, s in zip(Kb, lams[1:], Sb))
@@ -253,25 +254,19 @@ class MMESolver(Solver):
             dense = (KL[off:off + q].reshape(t.m, t.k, -1)
                      @ Sinv[:, off:off + q].T.reshape(t.m, t.k, -1).transpose(1, 2)).sum(0)
             H.append((b.transpose(1, 2) @ L0 @ s).sum(0) + dense)
-        del KL
-        H = [c * h for h in H]
-        W = f.unwhiten(state.low_rank_x()) if state.method == "reml" else None
-        quad = self._row_quadratic(f, Sd, Sb, Sinv)
-        d = w - w * w * quad - Py ** 2
-        if W is not None:
-            d = d - (W * W).sum(1)
+        return [c * h for h in H]
+
+    def _term_gradients(self, nat, lams, H, zp, zw) -> torch.Tensor:
+        """The terms' natural gradients (zeros elsewhere) from ``H_t`` and the level sums
+        ``Z_tᵀ P y`` (``(m, k)``) and ``Z_tᵀ W`` (``(m, k, p)``, ``None`` for ML)."""
         out = nat.new_zeros(nat.shape[0])
-        for t, L, h in zip(self.terms, lams, H):
-            zp = block_rmatmul(t.codes, t.values, t.m, Py[:, None]).reshape(t.m, t.k)
-            Sbar = torch.linalg.solve(L.T, h.T).T - zp.T @ zp
-            if W is not None:
-                zw = block_rmatmul(t.codes, t.values, t.m, W).reshape(t.m, t.k, -1)
-                Sbar = Sbar - torch.einsum("map,mbp->ab", zw, zw)
+        for t, L, h, zp_t, zw_t in zip(self.terms, lams, H, zp, zw):
+            Sbar = torch.linalg.solve(L.T, h.T).T - zp_t.T @ zp_t
+            if zw_t is not None:
+                Sbar = Sbar - torch.einsum("map,mbp->ab", zw_t, zw_t)
             Sbar = 0.25 * (Sbar + Sbar.T)
             out[t.offset:t.offset + t.num_params] = t.block._vjp(
                 nat[t.offset:t.offset + t.num_params], Sbar)
-        for view, rows in self.residual:
-            out[rows] = view.vjp(nat[rows], 0.5 * d)
         return out
 
     def _row_quadratic(self, f: MMEFactor, Sd, Sb, Sinv):
@@ -302,6 +297,31 @@ class MMESolver(Solver):
                 rows = slice(off, off + module.num_params)
                 U[rows] = module._dv_matmul(nat[rows], Py[:, None])[..., 0]
         return U
+
+
+def _read(model) -> tuple[list[_Term], list]:
+    """The random terms of ``model`` (most columns first) and its residual's diagonal pieces
+    ``(view, parameter slice)``; :class:`UnsupportedStructure` when it has other structure."""
+    if not isinstance(model, MixedModel) or not model.term_names:
+        raise UnsupportedStructure("needs a MixedModel with random terms")
+    terms, residual = [], []
+    for name, module, off in additive_pieces(model):
+        if name is None:
+            view = module.diagonal_view()
+            if view is None:
+                raise UnsupportedStructure("the residual must be diagonal")
+            residual.append((view, slice(off, off + module.num_params)))
+            continue
+        view = module.repeated_block_view()
+        rows = None if view is None else model.term_groups(name, view.block.shape[0])
+        if rows is None:
+            raise UnsupportedStructure(f"random term {name!r} is not I ⊗ S on a design "
+                                       "with one block of columns per level")
+        codes, values = rows
+        values = values.to(torch.float64) * (codes >= 0)[:, None]
+        terms.append(_Term(name, view.block, off, module.num_params, codes.clamp(min=0),
+                           values, view.count))
+    return sorted(terms, key=lambda t: -t.m * t.k), residual
 
 
 def _lam_cols(lams, terms, K):
