@@ -20,13 +20,13 @@ backward is ``_vjp``: ``loss.backward()`` never differentiates through construct
 from __future__ import annotations
 
 import abc
-import hashlib
 from dataclasses import replace
 
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from .cache import IntermediateCache
 from .param import NameDict, ParamSpecs
 from .params import ROLE_SCALE_POWER, ParameterRegistry, ParamSpec, ParamTable, default_role
 from .transforms import Transform
@@ -54,10 +54,11 @@ class CovarianceFunction(torch.autograd.Function):
         return module.to_free(module._vjp(nat, grad_output.to(nat.dtype)), free), None
 
 
-class CovarianceModule(ParameterRegistry, nn.Module, abc.ABC):
+class CovarianceModule(ParameterRegistry, IntermediateCache, nn.Module, abc.ABC):
     """Base of all covariance structures and operators (see the module docstring); its
     parameter registry (names, values, ``fix`` / ``free``) is
-    :class:`~covmodules.params.ParameterRegistry`."""
+    :class:`~covmodules.params.ParameterRegistry`, its cache of intermediates
+    :class:`~covmodules.cache.IntermediateCache`."""
 
     #: torch-openreml's switches: :meth:`grad` uses the closed form (``"default"``,
     #: ``"manual"``) or :meth:`auto_grad` (``"auto"``), which differentiates by
@@ -164,14 +165,14 @@ class CovarianceModule(ParameterRegistry, nn.Module, abc.ABC):
 
     def _natural(self, raw: torch.Tensor) -> torch.Tensor:
         """Apply each parameter's transform."""
-        return _by_transform(raw, self._param_table().trans, "forward")
+        return _by_transform(raw, self._param_table().trans_groups, "forward")
 
     def _free_index_tensor(self, device) -> torch.Tensor:
         return torch.tensor(self._param_table().free_index, dtype=torch.long, device=device)
 
     def _free_derivative(self, free: torch.Tensor) -> torch.Tensor:
         """Element-wise derivative of the free parameters' transforms."""
-        return _by_transform(free, self._param_table().free_trans, "derivative")
+        return _by_transform(free, self._param_table().free_trans_groups, "derivative")
 
     def _differentiable_free(self, free_params) -> torch.Tensor:
         """The registered free parameters (checked finite; gradients reach them) or the
@@ -331,41 +332,16 @@ class CovarianceModule(ParameterRegistry, nn.Module, abc.ABC):
         """torch-openreml interface: the Jacobian at free parameters ``theta``."""
         return self.manual_grad(theta)[0]
 
-    # ------------------------------------------------------------- intermediate cache
-    def get_intermediates(self, params: torch.Tensor):
-        """Cached intermediates for ``params`` if still valid, else ``None``.
 
-        Nothing is cached or returned for parameters that carry a graph (autograd paths) or
-        are traced by ``torch.func``.
-        """
-        if not _cacheable(params):
-            return None
-        cache = self.__dict__.get("_intermediates")
-        if cache is not None and cache[0] == _fingerprint(params):
-            return cache[1]
-        return None
-
-    def set_intermediates(self, params: torch.Tensor, intermediates) -> None:
-        """Cache ``intermediates`` computed at ``params``."""
-        if _cacheable(params):
-            self.__dict__["_intermediates"] = (_fingerprint(params), intermediates)
-
-    def reset_intermediates(self) -> None:
-        """Clear the intermediate cache."""
-        self.__dict__.pop("_intermediates", None)
-
-    def _apply(self, fn, *args, **kwargs):
-        self.reset_intermediates()
-        return super()._apply(fn, *args, **kwargs)
-
-
-def _by_transform(x: torch.Tensor, transforms: list[Transform], method: str) -> torch.Tensor:
-    """``transforms[i].<method>(x[i])`` for every ``i``, one call per distinct transform."""
+def _by_transform(x: torch.Tensor, groups: list[tuple[Transform, list[int]]],
+                  method: str) -> torch.Tensor:
+    """``t.<method>(x[i])`` for every ``i`` and its transform ``t``, one call per distinct
+    transform (``groups``: a :class:`ParamTable`'s ``(transform, positions)``)."""
+    if len(groups) == 1:                       # one transform for all: no gather or scatter
+        out = getattr(groups[0][0], method)(x)
+        return out.clone() if out is x else out
     out = torch.empty_like(x)
-    groups: dict[Transform, list[int]] = {}
-    for i, t in enumerate(transforms):
-        groups.setdefault(t, []).append(i)
-    for t, idx in groups.items():
+    for t, idx in groups:
         index = torch.tensor(idx, device=x.device)
         out[index] = getattr(t, method)(x[index])
     return out
@@ -389,17 +365,6 @@ def jacobian(fn, x: torch.Tensor, method: str, chunk_size: int | None = None) ->
     if method == "jacrev":
         return torch.func.jacrev(fn, chunk_size=chunk_size)(x)
     return torch.autograd.functional.jacobian(fn, x, vectorize=True)
-
-
-def _cacheable(params: torch.Tensor) -> bool:
-    """Whether ``params`` is a plain tensor without a graph (not a ``torch.func`` wrapper)."""
-    wrapped = torch._C._functorch.is_functorch_wrapped_tensor(params)
-    return not params.requires_grad and not wrapped
-
-
-def _fingerprint(params: torch.Tensor):
-    data = params.detach().cpu().contiguous().numpy().tobytes()
-    return (params.dtype, params.device, hashlib.blake2b(data, digest_size=16).digest())
 
 
 class Structure(CovarianceModule):

@@ -105,6 +105,11 @@ class CrossedREML(REML):
         self.solver = SufficientSolver(model, all_reduce, all_gather_rows)
         self.solver._prepare(self.y, self.X)
 
+    def refit(self, model: CovarianceModule, method: str) -> "CrossedREML":
+        """The objective of this process's rows for ``model`` and ``method`` (every process
+        builds it: its sums are reduced again)."""
+        return CrossedREML(model, self.y, self.X, self.x_names, method)
+
     @property
     def n(self) -> int:
         """Rows of all processes."""

@@ -257,9 +257,8 @@ def ml_refit(result):
     objective = result.objective
     if not hasattr(objective, "X"):
         raise ValueError("a sharded fit cannot be refitted here: fit it with method='ml'")
-    model = copy.deepcopy(objective.model)
-    return fit(model, objective.y, objective.X, x_names=objective.x_names, method="ml",
-               start=result.free.detach().clone(), solver=objective.solver.name)
+    return fit(objective.refit(copy.deepcopy(objective.model), "ml"),
+               start=result.free.detach().clone())
 
 
 def anova(*results, names=None) -> pd.DataFrame:

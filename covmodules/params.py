@@ -93,6 +93,8 @@ class ParamTable:
         self.trans = [s.transform for s in self.specs]
         self.free_trans = [self.trans[i] for i in self.free_index]
         self.fixed_trans = [self.trans[i] for i in self.fixed_index]
+        self.trans_groups = transform_groups(self.trans)
+        self.free_trans_groups = transform_groups(self.free_trans)
         self.free_roles = [self.specs[i].role for i in self.free_index]
 
     @property
@@ -104,6 +106,15 @@ class ParamTable:
     def specs_changed() -> None:
         """Say that some module's parameter specs or operands changed: every table is stale."""
         ParamTable.generation += 1
+
+
+def transform_groups(transforms: list[Transform]) -> list[tuple[Transform, list[int]]]:
+    """``[(transform, [i, ...])]``: the positions of each distinct transform, in first-seen
+    order."""
+    groups: dict[Transform, list[int]] = {}
+    for i, t in enumerate(transforms):
+        groups.setdefault(t, []).append(i)
+    return list(groups.items())
 
 
 class ParameterRegistry:

@@ -90,6 +90,12 @@ class REML:
         self._residual_variance, self.solver = residual_variance, solver
         return self
 
+    def refit(self, model: CovarianceModule, method: str) -> "REML":
+        """The objective of the same data for ``model`` (e.g. a copy) and ``method``, with
+        this one's solver kind."""
+        return REML(model, self.y, self.X, x_names=self.x_names, method=method,
+                    solver=self.solver.name)
+
     @property
     def n(self) -> int:
         return self.y.shape[0]

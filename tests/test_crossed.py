@@ -62,6 +62,7 @@ def _worker(rank, world, port, out_file):
                            "communicated": objective.communicated,
                            "fitted": torch.as_tensor(result.fitted()), "rows": rows,
                            "df": result.fixed_effects.df.to_numpy(),
+                           "confint": result.confint().to_numpy() if method == "reml" else None,
                            "condsd": result.ranef().condsd.to_numpy()}
     gathered = [None] * world
     dist.all_gather_object(gathered, results)
@@ -91,6 +92,9 @@ def test_two_gloo_processes_equal_the_single_process_fit_of_a_crossed_model(tmp_
             # Satterthwaite df and conditional SDs: the whole data's, from the sums
             np.testing.assert_allclose(ours["df"], reference.fixed_effects.df, rtol=1e-6)
             np.testing.assert_allclose(ours["condsd"], reference.ranef().condsd, rtol=1e-8)
+            if method == "reml":       # profile refits: each reduces its changed sums
+                np.testing.assert_allclose(ours["confint"], reference.confint().to_numpy(),
+                                           rtol=1e-6)
         # both processes hold the same totals: q (p + 1) + (p + 1)² + ZᵀZ's blocks + n numbers
         assert ranks[0][method]["communicated"] == ranks[1][method]["communicated"] > 0
 

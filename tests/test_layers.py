@@ -498,3 +498,44 @@ def test_fixing_and_freeing_a_layer_parameter_reaches_every_batch():
     assert float(fixed) != pytest.approx(float(free), rel=1e-6)
     dense = gaussian_nll(layer.batch_model(groups), y, mean)
     assert float(layer.nll(y, mean, groups)) == pytest.approx(float(dense), rel=1e-12)
+
+
+# ------------------------------------------------------------- the layers' per-batch solver
+@pytest.mark.parametrize("nugget", [True, False])
+@pytest.mark.parametrize("within", ["ar1", "ar1+intercept", "unstructured"])
+def test_grouped_solver_of_rows_equals_the_batch_models_solvers(within, nugget):
+    """GroupedSolver.within_groups (the layers' path, no batch model) against the grouped and
+    dense solvers of Grouped(S) (+ σ² I): -l, gradient and AI, ML and REML; with a nugget, two
+    rows of a group at one position."""
+    from covmodules import Grouped
+    from covmodules.linalg import DenseSolver, GroupedSolver
+    S = {"ar1": lambda: AR1Matrix(4), "unstructured": lambda: UnconstrainedMatrix(4),
+         "ar1+intercept": lambda: Sum(subject=EqualEntryMatrix(4), serial=AR1Matrix(4))}[within]()
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for p in S.parameters():
+            p.add_(0.3 * torch.randn((), generator=g, dtype=p.dtype))
+    groups, positions, y, _ = grouped_batch()
+    if nugget:
+        positions = positions.clone()
+        positions[2] = positions[1]                 # group 0: two rows at position 0
+    model, structure, rows = Grouped(S, groups=groups, positions=positions), S, (S,)
+    if nugget:
+        model = Sum(within=model, nugget=ScalarMatrix(10))
+        structure = Sum(within=S, nugget=ScalarMatrix(4))
+        for m in (model, structure):
+            m.set_param("nugget/sigma^2", 0.7)
+        rows = (S, structure.nugget)
+    solver = GroupedSolver.within_groups(structure, rows[0], groups, positions, *rows[1:])
+    free = structure._registered_free().detach()
+    assert torch.equal(free, model._registered_free().detach())
+    X = torch.stack([torch.ones(10, dtype=D), torch.randn(10, generator=g, dtype=D)], 1)
+    for method in ("ml", "reml"):
+        state = solver.state(free, y, X, method)
+        for other in (GroupedSolver(model), DenseSolver(model)):
+            ref = other.state(free, y, X, method)
+            assert torch.allclose(state.neg_loglik, ref.neg_loglik, rtol=0, atol=1e-10)
+            assert torch.allclose(solver.gradient(free, state), other.gradient(free, ref),
+                                  rtol=0, atol=1e-10)
+            assert torch.allclose(solver.average_information(free, state),
+                                  other.average_information(free, ref), rtol=0, atol=1e-10)

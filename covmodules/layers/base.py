@@ -14,7 +14,7 @@ same solver's ``P y``.
 from __future__ import annotations
 
 import abc
-import copy
+import itertools
 
 import numpy as np
 import torch
@@ -180,15 +180,11 @@ class CovarianceLayer(nn.Module, abc.ABC):
             model.fix(names[i])
         for i in sorted(set(model.fixed_param_index) - set(fixed)):
             model.free(names[i])
-        return model.to(device=next(self.buffers()).device, dtype=torch.float64)
-
-    def _copy(self, module: CovarianceModule) -> CovarianceModule:
-        """A float64 copy of one of the layer's modules, made once and reused by every batch
-        (:meth:`_mirror` sets its values and fixed flags each time)."""
-        copies = self.__dict__.setdefault("_copies", {})
-        if id(module) not in copies:
-            copies[id(module)] = (module, copy.deepcopy(module).to(torch.float64))
-        return copies[id(module)][1]
+        device = next(self.buffers()).device
+        if any(t.device != device or (t.is_floating_point() and t.dtype != torch.float64)
+               for t in itertools.chain(model.parameters(), model.buffers())):
+            model = model.to(device=device, dtype=torch.float64)
+        return model
 
     # ------------------------------------------------------------------- group codes
     def _init_groups(self, num_levels: int, group_sizes) -> None:

@@ -3,7 +3,9 @@ special case :math:`V_g = A \otimes B + \sigma^2 I` on a grid.
 
 The loss of a :class:`GroupedCovariance` batch is the ML loss of its residuals through the
 grouped solver (:class:`~covmodules.linalg.GroupedSolver`: one batched Cholesky per block size,
-``Σ_g n_g³/3``, closed-form backward). A :class:`KroneckerCovariance` batch of ``F`` complete
+``Σ_g n_g³/3``, closed-form backward), built from the batch's group codes and positions and the
+layer's one float64 ``S + σ² I_T`` (:meth:`~covmodules.linalg.GroupedSolver.within_groups`: no
+batch model, no new modules per batch). A :class:`KroneckerCovariance` batch of ``F`` complete
 grids shares one ``V = A ⊗ B + σ² I`` for ``F`` independent residual grids ``r_f``; with the
 Kronecker solver's factor (:class:`~covmodules.linalg.kronecker.KroneckerFactor`,
 ``V = Q D Qᵀ``, ``Q = Q_a ⊗ Q_b``, ``D = λ_a λ_bᵀ + σ²``) the loss is
@@ -27,6 +29,7 @@ position ``t``: :math:`f(x) + \sum_j S[t, p_j] (V_g^{-1} r_g)_j`.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -152,15 +155,34 @@ class GroupedCovariance(CovarianceLayer):
         codes = self._batch_codes(groups, n) if whole else self._codes(groups, n)
         return codes, self._positions(positions, codes)
 
+    def _structure(self) -> CovarianceModule:
+        """``S + σ² I_T`` (``S`` without a nugget) in float64 at the layer's values: the flat
+        parameters of every batch, built once from a copy of ``within`` and reused."""
+        cached = self.__dict__.get("_structure64")
+        if cached is None or cached[0] is not self.within or cached[1] is not self.nugget:
+            within = copy.deepcopy(self.within).to(torch.float64)
+            model = within if self.nugget is None else Sum(within=within,
+                                                           nugget=ScalarMatrix(self.size))
+            self.__dict__["_structure64"] = cached = (self.within, self.nugget, model)
+        return self._mirror(cached[2])
+
     def _model(self, codes, pos) -> CovarianceModule:
         """``Grouped(within) (+ σ² I)`` of checked codes and positions, at the layer's values."""
-        model = Grouped(self._copy(self.within), groups=codes, positions=pos)
+        structure = self._structure()
+        within = structure if self.nugget is None else structure.operand_modules[0]
+        model = Grouped(within, groups=codes, positions=pos)
         if self.nugget is not None:
             model = Sum(within=model, nugget=ScalarMatrix(codes.shape[0]))
         return self._mirror(model)
 
     def _solver(self, codes, pos):
-        return GroupedSolver(self._model(codes, pos))
+        """The grouped solver of the batch, built from its rows and :meth:`_structure` (no
+        batch model)."""
+        structure = self._structure()
+        if self.nugget is None:
+            return GroupedSolver.within_groups(structure, structure, codes, pos)
+        within, nugget = structure.operand_modules
+        return GroupedSolver.within_groups(structure, within, codes, pos, nugget)
 
     def _neg_loglik(self, r, codes, pos):
         return ml_loss(self._solver(codes, pos), self._free64(), r)

@@ -10,6 +10,8 @@ for ``k = 1``) and whose ``Z`` has one block of ``k`` columns per level (subject
 as :func:`covmodules.design.random_design` builds it). The
 grouping is the coarsest of the pieces' groupings; every other must be nested in it (a finer
 one is applied as a mask within the block). The pieces' own parameters are shared by all groups.
+:meth:`GroupedSolver.within_groups` takes the pieces of ``Grouped(S) (+ σ² I)`` from ``S``, the
+nugget and the rows directly (the covariance layers' batches: no ``N``-row model is built).
 
 Blocks of equal size are stacked and factorised by one batched Cholesky
 (``V_g = L_g L_gᵀ``, bucketed by size), so one evaluation costs ``Σ_g n_g³/3`` and every REML
@@ -36,7 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from ..capabilities import DiagonalView
-from ..operators.grouped import Grouped
+from ..operators.grouped import Grouped, grouped_dv_matmul
 from .base import (Factor, GLSState, Solver, UnsupportedStructure, additive_pieces,
                    term_dv)
 from .dense import cholesky
@@ -89,6 +91,8 @@ class GroupedFactor(Factor):
 
     def whiten(self, B):
         k = B.shape[1]
+        if k == 0:
+            return B.new_zeros(self.n, 0)
         return torch.cat([torch.linalg.solve_triangular(L, B[idx], upper=False)
                           .reshape(idx.numel(), k) for idx, L in zip(self.buckets, self.L)])
 
@@ -109,9 +113,36 @@ class GroupedSolver(Solver):
 
     def __init__(self, model):
         super().__init__(model)
-        self.n = model.shape[0]
-        self.pieces = [self._piece(model, name, module, off)
-                       for name, module, off in additive_pieces(model)]
+        self._arrange(model.shape[0], [self._piece(model, name, module, off)
+                                       for name, module, off in additive_pieces(model)])
+
+    @classmethod
+    def within_groups(cls, model, within, codes, positions, nugget=None) -> "GroupedSolver":
+        """The solver of ``Grouped(within, codes, positions)`` (``+ nugget``, a module with a
+        constant diagonal view: ``σ² I`` of any size) without building that model, for the
+        flat parameters of ``model``: ``within``'s, then ``nugget``'s (e.g.
+        ``Sum(within=within, nugget=ScalarMatrix(T))``; ``model`` maps free to natural
+        parameters and is not evaluated). ``codes`` and ``positions`` are long tensors."""
+        view = None if nugget is None else nugget.diagonal_view()
+        if nugget is not None and (view is None or not view.constant):
+            raise UnsupportedStructure(f"the nugget {type(nugget).__name__} is not a constant "
+                                       "diagonal")
+        if model.num_params != within.num_params + (0 if nugget is None else nugget.num_params):
+            raise ValueError("model's parameters must be within's, then the nugget's")
+        if codes.dim() != 1 or codes.shape != positions.shape:
+            raise ValueError(f"codes and positions must be 1-D of one length, got shapes "
+                             f"{tuple(codes.shape)} and {tuple(positions.shape)}")
+        pieces = [_Piece("grouped", within, 0, within, codes=codes, index=positions)]
+        if nugget is not None:
+            pieces.append(_Piece("diagonal", nugget, within.num_params, diagonal=view))
+        solver = cls.__new__(cls)                   # not __init__: there is no batch model
+        super(GroupedSolver, solver).__init__(model)
+        solver._arrange(codes.shape[0], pieces)
+        return solver
+
+    def _arrange(self, n: int, pieces: list[_Piece]) -> None:
+        """Group the ``n`` rows of ``pieces`` into buckets of equal-size groups."""
+        self.n, self.pieces = n, pieces
         groups = self._grouping([p for p in self.pieces if p.codes is not None])
         sizes = torch.bincount(groups)
         order = torch.argsort(groups, stable=True)
@@ -152,13 +183,18 @@ class GroupedSolver(Solver):
         n = self.n
         if not pieces:
             return torch.arange(n)
-        counts = [torch.unique(p.codes[p.codes >= 0]).numel() for p in pieces]
-        codes = pieces[counts.index(min(counts))].codes.clone()
+        coarsest = pieces[0]
+        if len(pieces) > 1:
+            counts = [torch.unique(p.codes[p.codes >= 0]).numel() for p in pieces]
+            coarsest = pieces[counts.index(min(counts))]
+        codes = coarsest.codes.clone()
         loose = codes < 0
         codes[loose] = int(codes.max()) + 1 + torch.arange(int(loose.sum()), device=codes.device)
         groups = torch.unique(codes, return_inverse=True)[1]
         num = int(groups.max()) + 1
         for p in pieces:
+            if p is coarsest:               # its blocks are the groups
+                continue
             defined = p.codes >= 0
             c, g = p.codes[defined], groups[defined]
             blocks = torch.unique(c).numel()
@@ -236,6 +272,7 @@ class GroupedSolver(Solver):
         f, Py = state.factor, state.Py
         W = f.unwhiten(state.low_rank_x()) if state.method == "reml" else None
         diag, trace = Py.new_zeros(self.n), nat.new_zeros(())
+        varying = any(p.diagonal is not None and not p.diagonal.constant for p in self.pieces)
         acc = {i: nat.new_zeros(p.inner.shape) for i, p in enumerate(self.pieces)
                if p.kind != "diagonal"}
         for idx, L, rows, full in zip(self.buckets, f.L, self.blocks, self.full):
@@ -254,7 +291,8 @@ class GroupedSolver(Solver):
                 if W is not None:
                     G -= Wg @ Wg.transpose(1, 2)
                 G *= 0.5
-                diag[idx] = G.diagonal(dim1=1, dim2=2)
+                if varying:
+                    diag[idx] = G.diagonal(dim1=1, dim2=2)
             for i, p in enumerate(self.pieces):
                 b = rows[i]
                 if b is None:
@@ -288,6 +326,8 @@ class GroupedSolver(Solver):
             if p.kind == "term":
                 U[rows] = term_dv(p.inner, part, p.codes.clamp(min=0), p.values,
                                   p.module.shape[0] // p.values.shape[1], Py)
+            elif p.kind == "grouped":
+                U[rows] = grouped_dv_matmul(p.inner, part, p.codes, p.index, Py[:, None])[..., 0]
             else:
                 U[rows] = p.module._dv_matmul(part, Py[:, None])[..., 0]
         return U

@@ -136,11 +136,14 @@ class GLSStatistics:
         themselves, which keeps the digits that ``c - bᵀb̂`` cancels when ``X`` fits ``y``
         closely (a single factorisation has them at hand)."""
         p = self.b.shape[0]
-        LA, info = torch.linalg.cholesky_ex(0.5 * (self.A + self.A.T))
-        if int(info) != 0:
-            raise NotPositiveDefiniteError("XᵀV⁻¹X is not positive definite: X is rank "
-                                           "deficient")
-        beta = torch.cholesky_solve(self.b[:, None], LA)[:, 0]
+        if p == 0:                          # no fixed effects: nothing to estimate
+            LA, beta = self.A, self.b
+        else:
+            LA, info = torch.linalg.cholesky_ex(0.5 * (self.A + self.A.T))
+            if int(info) != 0:
+                raise NotPositiveDefiniteError("XᵀV⁻¹X is not positive definite: X is rank "
+                                               "deficient")
+            beta = torch.cholesky_solve(self.b[:, None], LA)[:, 0]
         quad = self.c - self.b @ beta if residual is None else residual(beta)
         n = float(self.n)
         if method == "reml":

@@ -93,6 +93,19 @@ def size_class_blocks(codes: np.ndarray, positions: np.ndarray):
     return blocks
 
 
+def grouped_dv_matmul(structure, nat, codes, positions, W, transpose=False, num_groups=None):
+    """``[dV/dθ_k @ W]_k`` of ``V_ij = S_{p_i p_j} [g_i = g_j]`` (``S`` = ``structure`` at
+    ``nat``; ``codes`` ``0..G-1``, ``G = num_groups`` or their maximum + 1): ``W`` scattered
+    into ``H[g, p, :]``, ``dS`` applied along ``p`` for every group at once, the rows gathered
+    back at ``(p_i, g_i)``."""
+    T, r = structure.shape[0], W.shape[1]
+    G = int(codes.max()) + 1 if num_groups is None else num_groups
+    H = W.new_zeros(G, T, r).index_put_((codes, positions), W, accumulate=True)
+    H = H.permute(1, 0, 2).reshape(T, G * r)
+    out = structure._dv_matmul(nat, H, transpose).reshape(-1, T, G, r)
+    return out[:, positions, codes, :]
+
+
 class Grouped(Operator):
     r"""``S`` within each group, zero between groups: :math:`V_{ij} = S_{p_i p_j} [g_i = g_j]`.
 
@@ -199,12 +212,8 @@ class Grouped(Operator):
         return s._vjp(nat, G_S.reshape(T, T))
 
     def _dv_matmul(self, nat, W, transpose=False):
-        s = self.operand_modules[0]
-        T, r, p, g = s.shape[0], W.shape[1], self.positions, self.group_codes
-        H = W.new_zeros(self.num_groups, T, r).index_put_((g, p), W, accumulate=True)
-        H = H.permute(1, 0, 2).reshape(T, self.num_groups * r)
-        out = s._dv_matmul(nat, H, transpose).reshape(-1, T, self.num_groups, r)
-        return out[:, p, g, :]
+        return grouped_dv_matmul(self.operand_modules[0], nat, self.group_codes, self.positions,
+                                 W, transpose, self.num_groups)
 
     def extra_repr(self):
         return f"rows={self.shape[0]}, groups={self.num_groups}"

@@ -8,17 +8,10 @@ from ..transforms import ExpPow2, correlation
 from ..validation import check_size
 
 
-def toeplitz(c: torch.Tensor) -> torch.Tensor:
-    """The symmetric Toeplitz matrix ``T_ij = c_|i-j|`` (one copy of ``n²`` values: ``n``
-    powers of ``ρ`` instead of ``n²``).
-
-    >>> toeplitz(torch.tensor([1.0, 2.0, 3.0]))
-    tensor([[1., 2., 3.],
-            [2., 1., 2.],
-            [3., 2., 1.]])
-    """
-    n = c.shape[0]
-    return torch.cat([c.flip(0), c[1:]]).unfold(0, n, 1).flip(1)    # [i, j] = c[|i - j|]
+def lag_index(n: int, device) -> torch.Tensor:
+    """``|i - j|`` for ``i, j < n`` as a long matrix."""
+    i = torch.arange(n, device=device)
+    return (i[:, None] - i[None, :]).abs()
 
 
 class AR1Matrix(Structure):
@@ -47,13 +40,14 @@ class AR1Matrix(Structure):
         return (self.n, self.n)
 
     def _correlation_and_derivative(self, rho):
+        """``ρ^|i-j|`` and ``|i-j| ρ^(|i-j|-1)``: ``n`` powers gathered into ``n x n``."""
         k = torch.arange(self.n, dtype=rho.dtype, device=rho.device)
-        return (toeplitz(torch.pow(rho, k)),
-                toeplitz(k * torch.pow(rho, (k - 1).clamp(min=0))))
+        lag = lag_index(self.n, rho.device)
+        return torch.pow(rho, k)[lag], (k * torch.pow(rho, (k - 1).clamp(min=0)))[lag]
 
     def _evaluate(self, nat):
         k = torch.arange(self.n, dtype=nat.dtype, device=nat.device)
-        return toeplitz(nat[0] * torch.pow(nat[1], k))
+        return nat[0] * torch.pow(nat[1], k)[lag_index(self.n, nat.device)]
 
     def _jacobian(self, nat):
         R, dR = self._correlation_and_derivative(nat[1])
