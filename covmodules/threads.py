@@ -7,7 +7,7 @@ slows down tens of times (measured on 2 cores with two busy processes: Orthodont
 nothing from the threads anyway, so :func:`threads_for` runs it on one; under DDP,
 :func:`per_process` divides the cores between the processes of a machine. NumPy and SciPy
 bring their own BLAS, with its own threads: :func:`numpy_blas_like_torch` holds it to torch's
-count for a block (the same stalls, measured: LAPACK ``stevd`` of a 1,000 x 1,000 matrix
+count for a block (the same stalls, measured: LAPACK ``stevd`` of a 1,000 x 1,000 tridiagonal
 0.03 s on one thread, 0.15 s on two threads of a loaded machine).
 
 >>> import torch
