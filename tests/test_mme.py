@@ -13,6 +13,7 @@ from covmodules import (BlockDesignMatrix, DesignMatrix, DiagonalMatrix, EqualEn
                         FixedMatrix, Grouped, AR1Matrix, IdentityMatrix, KroneckerProduct,
                         MixedModel, ScalarMatrix, UnconstrainedMatrix, fit)
 from covmodules.linalg import SOLVERS, UnsupportedStructure, applicable_solvers, select_solver
+from covmodules.structures.block_design import block_pattern
 from covmodules.testing import check_solver
 
 from oracle import build
@@ -163,6 +164,9 @@ def test_dense_z_of_block_pattern_becomes_a_block_design():
                                                             UnconstrainedMatrix(2)))},
                       residual=ScalarMatrix(n))
     assert isinstance(kept.designs["g"], FixedMatrix)
+    negated = -Z                                    # -0.0 outside every row's block
+    assert torch.equal(block_pattern(negated, 2)[0], codes)
+    torch.testing.assert_close(block_pattern(negated, 2)[1], -block_pattern(Z, 2)[1])
     y, X = data(n)
     check_solver(model, y, X, "mme")
 
