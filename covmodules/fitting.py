@@ -14,7 +14,7 @@ from .distributed import ShardedREML, world_size
 from .linalg import NotPositiveDefiniteError
 from .reml import REML
 from .results import FitResult
-from .threads import threads_for
+from .threads import BUILD_PER_ROW, threads_for
 
 __all__ = ["fit", "fit_result", "start_values", "torch_optimizer", "loss_converged", "InUnits",
            "free_parameters", "free_units"]
@@ -78,8 +78,10 @@ def fit(model: CovarianceModule | REML | ShardedREML, y=None, X=None, *, x_names
     if isinstance(model, (ShardedREML, REML)):
         objective, model = model, model.model
     else:
-        objective = REML(model, y, X, x_names=x_names, method=method, solver=solver,
-                         checks=checks)
+        rows = model.shape[0] if isinstance(model, CovarianceModule) else 0
+        with threads_for(BUILD_PER_ROW * rows):         # checks, sums, patterns: O(n) passes
+            objective = REML(model, y, X, x_names=x_names, method=method, solver=solver,
+                             checks=checks)
     y = getattr(objective, "y", None)
     with threads_for(objective.solver.cost, None if y is None else y.device):
         free = start_values(objective, start)

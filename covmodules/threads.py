@@ -27,12 +27,19 @@ from contextlib import contextmanager
 
 import torch
 
-__all__ = ["SMALL_WORK", "threads_for", "per_process", "numpy_blas_like_torch"]
+__all__ = ["SMALL_WORK", "BUILD_PER_ROW", "threads_for", "per_process",
+           "numpy_blas_like_torch"]
 
 #: flop-equivalents of one evaluation (a solver's ``cost``) below which a fit runs on one
 #: thread: about 0.1 s of one core, e.g. a 2,000-row dense Cholesky or InstEval's
 #: mixed-model equations (``scripts/bench_crossed.py --load`` measures both sides)
 SMALL_WORK = 3e9
+
+#: flop-equivalents per row of building an objective (the data checks, the sums over rows,
+#: sorting the group codes), for :func:`threads_for` before a solver's ``cost`` is known:
+#: a 100,000-row model is built on one thread (measured: two threads of a loaded 2-core
+#: machine stall there as in the fit, 0.5 s becoming 1.5 s)
+BUILD_PER_ROW = 1e3
 
 
 @contextmanager

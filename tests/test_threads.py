@@ -43,6 +43,27 @@ def test_fit_runs_small_work_on_one_thread_and_restores_the_count():
         torch.set_num_threads(before)
 
 
+def test_fit_builds_a_small_objective_on_one_thread(monkeypatch):
+    """The data checks and sums before the solver is known run on one thread too."""
+    import covmodules.fitting as fitting
+    built = []
+
+    class Recording(fitting.REML):
+        def __init__(self, *args, **kwargs):
+            built.append(torch.get_num_threads())
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(fitting, "REML", Recording)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        y = torch.randn(30, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        fit(ScalarMatrix(30), y)
+        assert built == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_per_process_divides_the_cores():
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     assert per_process(1) == cores
