@@ -18,3 +18,11 @@ def join(rank: int, world: int, port: int) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world)
+
+
+def leave(rank: int, results, out_file: str) -> None:
+    """Rank 0 saves ``results`` to ``out_file``; every process then leaves the group."""
+    if rank == 0:
+        torch.save(results, out_file)
+    dist.barrier()
+    dist.destroy_process_group()

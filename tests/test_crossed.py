@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 from covmodules import (BlockDesignMatrix, IdentityMatrix, KroneckerProduct, MixedModel,
                         ScalarMatrix, UnconstrainedMatrix, fit)
 from covmodules.crossed import CrossedREML
-from gloo import free_port, join
+from gloo import free_port, join, leave
 
 DT = torch.float64
 LEVELS = {"a": 23, "b": 9, "c": 4}
@@ -66,10 +66,7 @@ def _worker(rank, world, port, out_file):
                            "condsd": result.ranef().condsd.to_numpy()}
     gathered = [None] * world
     dist.all_gather_object(gathered, results)
-    if rank == 0:
-        torch.save(gathered, out_file)
-    dist.barrier()
-    dist.destroy_process_group()
+    leave(rank, gathered, out_file)
 
 
 def test_two_gloo_processes_equal_the_single_process_fit_of_a_crossed_model(tmp_path):

@@ -5,13 +5,12 @@ import warnings
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from covmodules import (AR1Matrix, Grouped, IdentityMatrix, KroneckerProduct, MixedModel,
                         UnconstrainedMatrix, fit)
 from covmodules.distributed import ShardedREML
-from gloo import free_port, join
+from gloo import free_port, join, leave
 
 DT = torch.float64
 SIZES = [4, 6, 5, 7, 4, 5, 6, 3, 5, 6, 7, 4, 5, 6, 4, 5, 3, 6, 5, 4]     # 20 subjects
@@ -92,10 +91,7 @@ def _worker(rank, world, port, out_file):
             warnings.simplefilter("ignore")          # adam stops at max_iter on purpose
             result = fit(objective, optimizer=method, **kwargs)
         results[method] = (result.free.clone(), result.loglik, result.iterations)
-    if rank == 0:
-        torch.save(results, out_file)
-    dist.barrier()
-    dist.destroy_process_group()
+    leave(rank, results, out_file)
 
 
 def test_two_gloo_processes_equal_the_single_process_fit(tmp_path):
