@@ -103,7 +103,7 @@ class CrossedREML(REML):
         self._residual_variance, self._n = data.residual_variance, data.n
         identify(model)
         self.solver = SufficientSolver(model, all_reduce, all_gather_rows)
-        self.solver._prepare(self.y, self.X)
+        self.solver.sum_data(self.y, self.X)
 
     def refit(self, model: CovarianceModule, method: str) -> "CrossedREML":
         """The objective of this process's rows for ``model`` and ``method`` (every process
@@ -122,10 +122,4 @@ class CrossedREML(REML):
 
     def term_sums(self, name: str, state) -> torch.Tensor:
         """``Z_tᵀ P y`` of random term ``name`` over the rows of all processes."""
-        zp = state.factor.zt(state.coef[:, None])
-        start = 0
-        for t in self.solver.terms:
-            if t.name == name:
-                return zp[start:start + t.m * t.k]
-            start += t.m * t.k
-        raise KeyError(name)
+        return state.factor.zt(state.coef[:, None])[self.solver.term_rows(name)]

@@ -150,13 +150,14 @@ class SufficientSolver(MMESolver):
                                        "diagonal)")
         self.reduce, self.n = reduce, model.shape[0]
         sizes = [(t.m, t.k) for t in self.terms]
+        codes = torch.stack([t.codes for t in self.terms], 1)
         counts = reduce(torch.tensor([1.0] + [float(m * k) for m, k in sizes]
-                                     + [float(m * k) ** 2 for m, k in sizes], dtype=torch.float64))
+                                     + [float(m * k) ** 2 for m, k in sizes],
+                                     dtype=torch.float64, device=codes.device))
         T = len(sizes)
         if bool((counts[1:T + 1] ** 2 != counts[T + 1:] * counts[0]).any()):
             raise ValueError("the processes' models differ in the levels or effects of their "
                              "random terms")
-        codes = torch.stack([t.codes for t in self.terms], 1)
         every = gather(torch.unique(codes, dim=0))          # the code tuples of all rows
         tuples, index = torch.unique(torch.cat([every, codes]), dim=0, return_inverse=True)
         self.pattern = Pattern(list(tuples.T), sizes)
@@ -175,7 +176,7 @@ class SufficientSolver(MMESolver):
         """Coefficients of a vector: ``p + 1 + q``."""
         return self.sums.BtB.shape[0] + self.q
 
-    def _prepare(self, y: torch.Tensor, X: torch.Tensor) -> None:
+    def sum_data(self, y: torch.Tensor, X: torch.Tensor) -> None:
         """The sums of ``[X, y - X b_OLS]`` over all processes (once per data set)."""
         key = [(t, t._version) for t in (y, X)]       # kept: no other tensor reuses them
         if self._data is not None and all(a is b and u == v for (a, u), (b, v)
@@ -187,7 +188,7 @@ class SufficientSolver(MMESolver):
         B = torch.cat([X, (y - X @ beta0)[:, None]], 1)
         Kd, Kb, Kc = self._sums(torch.ones_like(y))
         ZtB = torch.cat([block_rmatmul(t.codes, t.values, t.m, B) for t in self.terms])
-        parts = [B.T @ B, ZtB, Kd, *Kb, Kc, torch.tensor(float(self.n), dtype=B.dtype)]
+        parts = [B.T @ B, ZtB, Kd, *Kb, Kc, B.new_tensor(float(self.n))]
         flat = self.reduce(torch.cat([part.reshape(-1) for part in parts]))
         out, start = [], 0
         for part in parts:
@@ -229,14 +230,20 @@ class SufficientSolver(MMESolver):
                              f"got {tuple(B.shape)}")
         return self.coefficients(B[:, 0], B)[1]
 
+    def term_rows(self, name: str) -> slice:
+        """The rows of random term ``name`` in ``Zᵀ u`` (and in ``g``)."""
+        start = 0
+        for t in self.terms:
+            if t.name == name:
+                return slice(start, start + t.m * t.k)
+            start += t.m * t.k
+        raise KeyError(f"no random term {name!r}")
+
     def term_columns(self, name: str, W: torch.Tensor) -> torch.Tensor:
         """The coefficients of ``Z_t W``: ``W`` in term ``name``'s block of ``g``."""
         out = W.new_zeros(self.size, W.shape[1])
-        start = self.sums.BtB.shape[0]
-        for t in self.terms:
-            if t.name == name:
-                out[start:start + t.m * t.k] = W
-            start += t.m * t.k
+        rows, P = self.term_rows(name), self.sums.BtB.shape[0]
+        out[P + rows.start:P + rows.stop] = W
         return out
 
     def rows(self, C: torch.Tensor) -> torch.Tensor:
@@ -257,7 +264,7 @@ class SufficientSolver(MMESolver):
         with torch.no_grad():
             nat = self.model.build_params(free)
             y, X = y.to(nat.dtype), X.to(nat.dtype)
-            self._prepare(y, X)
+            self.sum_data(y, X)
             yc, Xc = self.coefficients(y, X)
             s = gls(self.factorize(nat), yc, Xc, method, n=self.sums.n)
             fields = {name: getattr(s, name) for name in GLSState.__dataclass_fields__}
