@@ -268,7 +268,7 @@ class MixedModelDataModule(L.LightningDataModule):
         self._design, self._axis = design, self.spec.time_axis(frame)
         self._train_rows = np.flatnonzero(np.isin(codes, train_groups))
         if world > 1 and num_groups == 1 and self.group is None and self.spec.random \
-                and not self.spec.residual.couples_subjects:
+                and self.spec.residual.structure in ("scalar", "identity"):
             # crossed terms, one block of rows: each process sums a share of its rows
             rows = np.array_split(self._train_rows, world)[rank]
             self.train_batches = [Batch(self.spec.problem(frame, rows, design, self._axis,
