@@ -146,6 +146,48 @@ def test_levels_without_rows_and_rows_without_values(solver):
     check_solver(model, y, X, solver)
 
 
+def _pattern_by_rows(Z, k):
+    """``block_pattern``'s answer read row by row (the reference)."""
+    levels, values = [], []
+    for row in Z:
+        blocks = {int(j) // k for j in torch.nonzero(row)[:, 0]}
+        if len(blocks) > 1:
+            return None
+        b = blocks.pop() if blocks else -1
+        levels.append(b)
+        values.append(row[max(b, 0) * k:max(b, 0) * k + k] * (b >= 0))
+    return torch.tensor(levels), torch.stack(values)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("seed", range(4))
+def test_block_pattern_equals_a_row_by_row_reading(k, seed):
+    """Empty rows, zero values inside a block, tiny and huge values, -0.0, a stray entry."""
+    g = gen(seed)
+    n, L = 50, 9
+    codes = torch.randint(0, L, (n,), generator=g)
+    values = torch.randn(n, k, generator=g, dtype=DTYPE) * 10.0 ** torch.randint(
+        -300, 300, (n, k), generator=g).to(DTYPE)
+    values[torch.rand(n, k, generator=g) < 0.2] = 0.0            # zeros inside blocks
+    values[torch.rand(n, generator=g) < 0.15] = 0.0                # empty rows
+    values[torch.rand(n, k, generator=g) < 0.1] = -0.0
+    Z = torch.zeros(n, L * k, dtype=DTYPE)
+    for a in range(k):
+        Z[torch.arange(n), codes * k + a] = values[:, a]
+    cases = [Z]
+    if seed % 2:
+        stray = Z.clone()
+        stray[int(seed), int((codes[seed] + 1) % L) * k] = 1e-300   # outside its block
+        cases.append(stray)
+    for case in cases:
+        ours, ref = block_pattern(case, k), _pattern_by_rows(case, k)
+        if ref is None:
+            assert ours is None
+            continue
+        assert torch.equal(ours[0], ref[0])
+        assert torch.equal(ours[1], ref[1])
+
+
 def test_dense_z_of_block_pattern_becomes_a_block_design():
     g = gen(8)
     n, L = 40, 6
