@@ -137,6 +137,21 @@ class SufficientSolver(MMESolver):
 
     Not chosen automatically (it is built with a pass over the data); name it with
     ``solver="sufficient"`` or use :class:`~covmodules.crossed.CrossedREML`.
+
+    Example (the same log-likelihood as the mme solver on the rows)::
+
+        >>> import torch
+        >>> from covmodules import DesignMatrix, MixedModel, ScalarMatrix
+        >>> from covmodules.reml import REML
+        >>> g = torch.Generator().manual_seed(0)
+        >>> a, b = torch.randint(0, 6, (40,), generator=g), torch.randint(0, 4, (40,), generator=g)
+        >>> model = MixedModel(random={"a": (DesignMatrix(a.tolist()), ScalarMatrix(6)),
+        ...                            "b": (DesignMatrix(b.tolist()), ScalarMatrix(4))},
+        ...                    residual=ScalarMatrix(40))
+        >>> y = torch.randn(40, generator=g, dtype=torch.float64) + a % 2
+        >>> sums, rows = REML(model, y, solver="sufficient"), REML(model, y, solver="mme")
+        >>> abs(sums.loglik() - rows.loglik()) < 1e-10
+        True
     """
 
     name = "sufficient"
