@@ -19,7 +19,8 @@ a sum over groups, so each step sums the batches' statistics and all-reduces the
 loss, gradient and AI matrix are those of the whole training set on every process. AI-REML
 then takes the same steps everywhere; the torch optimisers get the exact gradient from DDP's
 gradient averaging (the loss's backward returns ``world_size ×`` the local share). Fitted
-values and BLUPs come per batch, in one process (:meth:`REMLModule.predict_step`).
+values and BLUPs come per batch, in one process (:meth:`REMLModule.predict_step`). Rows of
+crossed terms are split by rows: a :class:`~covmodules.crossed.CrossedREML`, one reduction.
 
 Logged per step: ``loss``, ``loglik``, ``grad_norm``, ``param/<name>`` (natural scale, an
 unstructured ``G`` as ``sigma^2[i]``, ``sd[i]``, ``rho[i,j]`` too), AI-REML's ``ai/*``; at the
