@@ -14,8 +14,8 @@ vector the likelihood needs lies in the span of ``[B, Z]``, so it is kept as its
     Z^T u = Z^T B\, a + Z^T Z\, g, \qquad u^T u' = a^T B^T B a' + a^T (Z^T B)^T g'
     + g^T Z^T u', \qquad V^{-1} = σ^{-2}(I - Z Λ M^{-1} Λ^T Z^T σ^{-2})
 
-give the whitening ``F c = (c ; L_M⁻¹ Λᵀ Zᵀ u / σ²)`` with ``⟨F c, F c'⟩ = uᵀu'/σ² -
-(L_M⁻¹ΛᵀZᵀu)ᵀ(L_M⁻¹ΛᵀZᵀu')/σ⁴ = uᵀV⁻¹u'`` and ``log|V| = n log σ² + log|M|``. The residual's
+give the whitening ``F c = (c ; Zᵀu ; L_M⁻¹ Λᵀ Zᵀ u / σ²)`` (``Zᵀu`` kept for the inner
+products) with ``⟨F c, F c'⟩ = uᵀu'/σ² - (L_M⁻¹ΛᵀZᵀu)ᵀ(L_M⁻¹ΛᵀZᵀu')/σ⁴ = uᵀV⁻¹u'`` and ``log|V| = n log σ² + log|M|``. The residual's
 gradient needs only ``tr V⁻¹ = (n - q + tr M⁻¹)/σ²`` and the squared norms of ``P y`` and of
 the REML term's columns, the terms' gradients the level sums ``Zᵀ P y``, and the AI matrix's
 ``dV/dθ P y`` are ``Z (I ⊗ ∂S/∂θ) Zᵀ P y`` (coefficients ``g``) or ``∂σ²/∂θ P y``.
@@ -84,36 +84,39 @@ class SufficientFactor(Factor):
         P = self.solver.sums.BtB.shape[0]
         return self.solver.sums.ZtB @ C[:P] + self.solver.unit_matmul(C[P:])
 
-    def gram(self, U: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
-        """``uᵀ w`` for coefficients ``U``, ``W``."""
+    def gram(self, U: torch.Tensor, W: torch.Tensor, ztW: torch.Tensor) -> torch.Tensor:
+        """``uᵀ w`` for coefficients ``U``, ``W`` and ``ztW = Zᵀ w`` (:meth:`zt`)."""
         sums = self.solver.sums
         P = sums.BtB.shape[0]
-        return U[:P].T @ (sums.BtB @ W[:P] + sums.ZtB.T @ W[P:]) + U[P:].T @ self.zt(W)
+        return U[:P].T @ (sums.BtB @ W[:P] + sums.ZtB.T @ W[P:]) + U[P:].T @ ztW
 
     def _lam_t(self, x):
         return _blockwise(self.solver.terms, self.lams, x, _lam_t)
 
     def whiten(self, C):
+        """``(c ; Zᵀu ; L_M⁻¹ΛᵀZᵀu/σ²)``: ``Zᵀu`` is kept, so no inner product forms it
+        again (all three parts are linear in ``c``)."""
         if C.shape[0] != self.solver.size:
             raise ValueError(
                 f"the sufficient-statistics solver works on coefficients in the span of "
                 f"[X, y, Z] ({self.solver.size} rows), not on {C.shape[0]} data rows: "
                 "products with other vectors of the rows (conditional variances, "
                 "Satterthwaite df) need the rows' solver, e.g. solver='mme' in one process")
-        low = self.M.solve_lower(self._lam_t(self.zt(C)) / self.s2)
-        return torch.cat([C, low])
+        z = self.zt(C)
+        return torch.cat([C, z, self.M.solve_lower(self._lam_t(z) / self.s2)])
 
     def unwhiten(self, W):
-        size = self.solver.size
+        size, q = self.solver.size, self.solver.q
         out = W[:size] / self.s2
         P = self.solver.sums.BtB.shape[0]
         out[P:] -= _blockwise(self.solver.terms, self.lams,
-                              self.M.solve_upper(W[size:]), _lam) / self.s2
+                              self.M.solve_upper(W[size + q:]), _lam) / self.s2
         return out
 
     def inner(self, U, W):
-        size = self.solver.size
-        return self.gram(U[:size], W[:size]) / self.s2 - U[size:].T @ W[size:]
+        size, q = self.solver.size, self.solver.q
+        return (self.gram(U[:size], W[:size], W[size:size + q]) / self.s2
+                - U[size + q:].T @ W[size + q:])
 
 
 def _blockwise(terms, lams, x, apply):
@@ -293,12 +296,12 @@ class SufficientSolver(MMESolver):
         Py = state.coef[:, None]
         zp = f.zt(Py)
         trace = (self.sums.n - q + Sd.diagonal(dim1=1, dim2=2).sum()
-                 + Sinv.diagonal().sum()) / f.s2 - f.gram(Py, Py)[0, 0]
+                 + Sinv.diagonal().sum()) / f.s2 - f.gram(Py, Py, zp)[0, 0]
         zw = None
         if state.method == "reml":
             W = f.unwhiten(state.low_rank_x())
             zw = f.zt(W)
-            trace = trace - f.gram(W, W).diagonal().sum()
+            trace = trace - f.gram(W, W, zw).diagonal().sum()
         out = self._term_gradients(nat, f.lams, H, [z[:, :, 0] for z in self._levels(zp)],
                                    [None] * len(H) if zw is None else self._levels(zw))
         for view, rows in self.residual:
