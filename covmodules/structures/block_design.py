@@ -37,7 +37,7 @@ def block_pattern(Z: torch.Tensor, k: int):
     """``(level, values)`` when every row of a dense ``Z`` (``n x L k``) is zero outside one
     block of ``k`` columns (``level = -1`` and zero values for a row of zeros), else ``None``.
     Two passes over ``Z`` (a product that locates the blocks, a count that checks them; its
-    ``nonzero`` where that check fails); no temporary of ``Z``'s size.
+    ``nonzero`` where that check fails or ``Z`` is not floating); no temporary of ``Z``'s size.
 
     >>> block_pattern(torch.tensor([[0.0, 0.0, 1.0, 2.0], [3.0, 4.0, 0.0, 0.0]]), 2)
     (tensor([1, 0]), tensor([[1., 2.],
@@ -46,17 +46,11 @@ def block_pattern(Z: torch.Tensor, k: int):
     n, q = Z.shape
     if q % k:
         return None
-    bits = _bits(Z)
-    if bits is not Z:
-        found = _located(Z, bits, k)
-        if found is not None:
-            return found
-    found = _pattern(Z, bits, k)
-    # a -0.0 outside a row's block has nonzero bits: decide on the values themselves
-    return found if found is not None or bits is Z else _pattern(Z, Z, k)
+    found = _located(Z, k) if Z.is_floating_point() else None
+    return found if found is not None else _pattern(Z, k)
 
 
-def _located(Z: torch.Tensor, bits: torch.Tensor, k: int):
+def _located(Z: torch.Tensor, k: int):
     """:func:`block_pattern` from one product ``Z W`` (two passes over ``Z`` in all, where
     ``nonzero`` costs about three), or ``None`` when its check fails.
 
@@ -66,6 +60,7 @@ def _located(Z: torch.Tensor, bits: torch.Tensor, k: int):
     columns are all the entries of ``Z`` (their counts agree) only when no row has one outside
     its block."""
     n, q = Z.shape
+    bits = _bits(Z)
     column = torch.arange(q, device=Z.device)
     W = Z.new_zeros(q, 2 * k)
     W[column, column % k] = 1.0
@@ -89,18 +84,18 @@ def _located(Z: torch.Tensor, bits: torch.Tensor, k: int):
 
 
 def _bits(Z: torch.Tensor) -> torch.Tensor:
-    """A contiguous float ``Z`` seen as integers of its width, whose ``nonzero`` is faster
-    (the entries it finds are those of ``Z`` and its ``-0.0``)."""
+    """A contiguous float ``Z`` seen as integers of its width, whose count of nonzeros is
+    faster (the entries it counts are those of ``Z`` and its ``-0.0``)."""
     widths = {8: torch.int64, 4: torch.int32, 2: torch.int16}
     if Z.is_floating_point() and Z.is_contiguous() and Z.element_size() in widths:
         return Z.view(widths[Z.element_size()])
     return Z
 
 
-def _pattern(Z: torch.Tensor, entries: torch.Tensor, k: int):
-    """:func:`block_pattern` with the entries of ``Z`` read from ``entries``' nonzeros."""
+def _pattern(Z: torch.Tensor, k: int):
+    """:func:`block_pattern` from ``Z``'s nonzeros (``NaN`` and ``inf`` among them)."""
     n, q = Z.shape
-    rows, cols = entries.nonzero(as_tuple=True)
+    rows, cols = Z.nonzero(as_tuple=True)
     blocks = cols // k
     first = torch.full((n,), q, dtype=blocks.dtype, device=Z.device).scatter_reduce(
         0, rows, blocks, "amin")
