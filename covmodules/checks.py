@@ -305,29 +305,28 @@ def _presence(model) -> list[torch.Tensor]:
     out = []
     for name, module, _ in additive_pieces(model):
         if name is not None:
-            k, _ = _term_levels(model, name, module)
-            rows = model.term_groups(name, k)
-            if rows is None:
-                out.append((model.design(name) != 0).any(0).double())
-            else:
-                level = rows[0][rows[0] >= 0]
-                out.append((torch.bincount(level, minlength=model.designs[name].shape[1] // k)
-                            > 0).double())
+            out.append(_term_presence(model, name, module)[1].double())
         elif isinstance(module, Grouped):
             out.append((torch.bincount(module.group_codes, minlength=module.num_groups)
                         > 0).double())
     return out
 
 
-def _term_levels(model: MixedModel, name: str, G) -> tuple[int, int]:
-    """Random effects per level and the number of levels with rows of term ``name``."""
+def _term_presence(model: MixedModel, name: str, G) -> tuple[int, torch.Tensor]:
+    """Random effects per level of term ``name`` and whether each level has a row."""
     terms, block = model.terms.get(name), G.repeated_block_view()
     k = len(terms) if terms else (block.block.shape[0] if block is not None else 1)
     rows = model.term_groups(name, k)
     if rows is None:                     # no block pattern: each column is a level
-        return 1, int((model.design(name) != 0).any(0).sum())
-    level = rows[0]
-    return k, int(torch.unique(level[level >= 0]).numel())
+        return 1, (model.design(name) != 0).any(0)
+    level = rows[0][rows[0] >= 0]
+    return k, torch.bincount(level, minlength=model.designs[name].shape[1] // k) > 0
+
+
+def _term_levels(model: MixedModel, name: str, G) -> tuple[int, int]:
+    """Random effects per level and the number of levels with rows of term ``name``."""
+    k, present = _term_presence(model, name, G)
+    return k, int(present.sum())
 
 
 def _check_groupings(groupings: list[_Grouping], n: int, checks: Checks) -> None:
