@@ -30,7 +30,7 @@ from torch.autograd.function import once_differentiable
 from .statistics import GLSStatistics, NotPositiveDefiniteError
 
 __all__ = ["NotPositiveDefiniteError", "UnsupportedStructure", "Solver", "Factor", "GLSState",
-           "gls", "NegLogLik", "additive_pieces", "term_dv"]
+           "gls", "NegLogLik", "additive_pieces", "mixed_model_pieces", "term_dv"]
 
 
 class UnsupportedStructure(ValueError):
@@ -232,6 +232,16 @@ class Solver(abc.ABC):
         """``[∂V/∂θ_k P y]_k`` over all parameters on the natural scale, ``(K, n)``, or
         ``None`` for the model's own ``dV``."""
         return None
+
+
+def mixed_model_pieces(model) -> list[tuple[str | None, object, int]]:
+    """:func:`additive_pieces` of a :class:`~covmodules.model.MixedModel` with random terms;
+    :class:`UnsupportedStructure` for any other model (the solvers built on the mixed-model
+    equations)."""
+    from ..model import MixedModel
+    if not isinstance(model, MixedModel) or not model.term_names:
+        raise UnsupportedStructure("needs a MixedModel with random terms")
+    return additive_pieces(model)
 
 
 def additive_pieces(model) -> list[tuple[str | None, object, int]]:

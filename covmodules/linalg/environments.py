@@ -39,9 +39,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..model import MixedModel
 from .base import (Factor, GLSState, NotPositiveDefiniteError, Solver, UnsupportedStructure,
-                   additive_pieces)
+                   mixed_model_pieces)
 from .factors import BlockFactor, DiagonalFactor, LowRankFactor
 from .kronecker import EigenCache, KroneckerFactor
 from .woodbury import root
@@ -81,9 +80,8 @@ class MultiEnvironmentSolver(Solver):
 
     def __init__(self, model):
         super().__init__(model)
-        if not isinstance(model, MixedModel) or not model.term_names:
-            raise UnsupportedStructure("needs a MixedModel with random terms")
-        terms = [(name, G, off) for name, G, off in additive_pieces(model) if name is not None]
+        terms = [(name, G, off) for name, G, off in mixed_model_pieces(model)
+                 if name is not None]
         self.n = model.shape[0]
         self.env, env_rows = self._environment_term(terms)
         self.blocks = self._residual_blocks(model._modules["residual"],

@@ -30,9 +30,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..model import MixedModel
 from ..structures.block_design import block_matmul, block_rmatmul
-from .base import Factor, GLSState, Solver, UnsupportedStructure, additive_pieces, term_dv
+from .base import (Factor, GLSState, Solver, UnsupportedStructure, additive_pieces,
+                   mixed_model_pieces, term_dv)
 from .blocked import MixedModelFactor, Pattern
 from .woodbury import root
 
@@ -302,10 +302,8 @@ class MMESolver(Solver):
 def _read(model) -> tuple[list[_Term], list]:
     """The random terms of ``model`` (most columns first) and its residual's diagonal pieces
     ``(view, parameter slice)``; :class:`UnsupportedStructure` when it has other structure."""
-    if not isinstance(model, MixedModel) or not model.term_names:
-        raise UnsupportedStructure("needs a MixedModel with random terms")
     terms, residual = [], []
-    for name, module, off in additive_pieces(model):
+    for name, module, off in mixed_model_pieces(model):
         if name is None:
             view = module.diagonal_view()
             if view is None:

@@ -35,9 +35,8 @@ import functools
 
 import torch
 
-from ..model import MixedModel
 from .base import (Factor, GLSState, NotPositiveDefiniteError, Solver,
-                   UnsupportedStructure, additive_pieces)
+                   UnsupportedStructure, mixed_model_pieces)
 
 __all__ = ["WoodburySolver", "WoodburyFactor", "root"]
 
@@ -93,9 +92,7 @@ class WoodburySolver(Solver):
 
     def __init__(self, model):
         super().__init__(model)
-        if not isinstance(model, MixedModel) or not model.term_names:
-            raise UnsupportedStructure("needs a MixedModel with random terms")
-        pieces = additive_pieces(model)
+        pieces = mixed_model_pieces(model)
         self.terms = [(name, G, off) for name, G, off in pieces if name is not None]
         self.residual = [(R.diagonal_view(), slice(off, off + R.num_params))
                          for name, R, off in pieces if name is None]
