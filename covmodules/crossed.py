@@ -97,10 +97,9 @@ class CrossedREML(REML):
         if method not in ("reml", "ml"):
             raise ValueError(f"method must be 'reml' or 'ml', got {method!r}")
         data = prepare([(model, y, X)], x_names, checks, reduce=all_reduce, overlapping=True)
-        self.model, self.method, self.reduction = model, method, "sum"
-        self.y, self.X = data.ys[0], data.Xs[0]
-        self.x_names, self.dropped = data.x_names, data.dropped
-        self._residual_variance, self._n = data.residual_variance, data.n
+        self._hold(model, method, "sum", data.ys[0], data.Xs[0], data.x_names, data.dropped,
+                   data.residual_variance)
+        self._n = data.n
         identify(model)
         self.solver = SufficientSolver(model, all_reduce, all_gather_rows)
         self.solver.sum_data(self.y, self.X)

@@ -70,13 +70,17 @@ class REML:
             raise ValueError(f"method must be 'reml' or 'ml', got {method!r}")
         if reduction not in ("sum", "mean"):
             raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
-        self.model, self.method, self.reduction = model, method, reduction
         data = prepare([(model, y, X)], x_names, checks)
-        self.y, self.X = data.ys[0], data.Xs[0]
-        self.x_names, self.dropped = data.x_names, data.dropped
-        self._residual_variance = data.residual_variance
+        self._hold(model, method, reduction, data.ys[0], data.Xs[0], data.x_names, data.dropped,
+                   data.residual_variance)
         identify(model)
         self.solver = select_solver(model, solver)
+
+    def _hold(self, model, method, reduction, y, X, x_names, dropped, residual_variance):
+        """Keep the model, the method and the validated data."""
+        self.model, self.method, self.reduction = model, method, reduction
+        self.y, self.X, self.x_names, self.dropped = y, X, list(x_names), list(dropped)
+        self._residual_variance = residual_variance
 
     @classmethod
     def of_prepared(cls, model, y, X, x_names, method, solver, dropped,
@@ -85,9 +89,8 @@ class REML:
         :class:`~covmodules.distributed.ShardedREML`): no checks, the whole's column
         decisions and scale."""
         self = cls.__new__(cls)
-        self.model, self.method, self.reduction = model, method, "sum"
-        self.y, self.X, self.x_names, self.dropped = y, X, list(x_names), list(dropped)
-        self._residual_variance, self.solver = residual_variance, solver
+        self._hold(model, method, "sum", y, X, x_names, dropped, residual_variance)
+        self.solver = solver
         return self
 
     def refit(self, model: CovarianceModule, method: str) -> "REML":
